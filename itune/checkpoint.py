@@ -1,0 +1,110 @@
+"""DeepSpeed checkpoints with loader state, and the verified Hugging Face export.
+
+Layout of ``output_dir/checkpoints``: ``global_stepN/`` per checkpoint (DeepSpeed's per-rank files plus
+``itune_state.json``) and DeepSpeed's ``latest`` file, rewritten only after every rank finished writing, so a crash
+mid-save leaves the previous checkpoint as ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    p = Path(ckpt_dir) / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int, rank: int) -> str:
+    """Saves ``global_step{step}`` on every rank; rank 0 then writes ``itune_state.json`` and prunes old tags.
+
+    Args:
+        state: JSON-serialisable trainer state (global step, loader position, config, manifest hash, versions).
+    """
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"itune": state}, save_latest=False)
+    tdist.barrier()
+    if rank == 0:
+        (Path(ckpt_dir) / tag / "itune_state.json").write_text(json.dumps(state, indent=2))
+        tmp = Path(ckpt_dir) / ".latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(ckpt_dir) / "latest")
+        tags = sorted((p for p in Path(ckpt_dir).glob("global_step*") if p.is_dir()),
+                      key=lambda p: int(p.name[len("global_step"):]))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    tdist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: Path) -> dict | None:
+    """Loads ``latest`` into the engine (weights, optimizer, scheduler); returns the trainer state or None."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if client is None or "itune" not in client:
+        state_file = Path(ckpt_dir) / tag / "itune_state.json"
+        return json.loads(state_file.read_text())
+    return client["itune"]
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """Full (unpartitioned) state dict on rank 0, None elsewhere. Every rank must call it (ZeRO-3 gathers)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return sd if tdist.get_rank() == 0 else None
+
+
+def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Writes safetensors weights, config, generation config and tokenizer files to ``out_dir`` (rank 0 only).
+
+    Raises:
+        RuntimeError: a tensor is empty or its shape differs from the model's (the ZeRO-3 "empty export" bug,
+            DeepSpeed #3841).
+    """
+    expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    for name, shape in expected.items():
+        t = state_dict.get(name)
+        if t is None or t.numel() == 0 or tuple(t.shape) != shape:
+            got = None if t is None else tuple(t.shape)
+            raise RuntimeError(f"export: tensor {name} has shape {got}, expected {shape}; refusing to write")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    import copy
+
+    from transformers import GenerationConfig
+
+    cfg = copy.deepcopy(hf_config)
+    cfg.use_cache = True
+    cfg.save_pretrained(tmp)
+    GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
+    for f in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / f).is_file():
+            shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def load_export(path: Path, dtype=torch.float32):
+    """Loads an export with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=False)

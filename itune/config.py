@@ -1,0 +1,279 @@
+"""Run configuration: one typed schema (nested dataclasses), YAML files plus ``a.b=c`` overrides.
+
+Every problem in a config is collected and raised together as one :class:`~itune.errors.ConfigError`.
+Defaults live here, once. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from itune.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The model to train.
+
+    Attributes:
+        pretrained: a Hugging Face checkpoint directory (loaded with safetensors under ``deepspeed.zero.Init``);
+            None builds a Llama-style model from ``architecture`` with random weights.
+        architecture: ``LlamaConfig`` fields used when ``pretrained`` is None (``vocab_size`` defaults to the
+            tokenizer's).
+        attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (CUDA + flash-attn only).
+        gradient_checkpointing: recompute activations in backward (non-reentrant).
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
+        trust_remote_code: allow model code from the checkpoint directory (off by default).
+    """
+
+    pretrained: str | None = None
+    architecture: dict = field(default_factory=lambda: {
+        "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "initializer_range": 0.02,
+    })
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Prepared data (output of ``itune-data prepare``).
+
+    Attributes:
+        path: directory holding ``manifest.json`` and the shards.
+        train_split: split trained on.
+        eval_split: held-out split (loss during training, generation after).
+    """
+
+    path: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (decoupled weight decay, none for norms and biases) with warmup then decay.
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr_ratio: final lr = lr x min_lr_ratio (cosine/linear).
+        schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
+        warmup_steps: optimizer steps of linear warmup from 0.
+        grad_clip: max global gradient norm (0 disables).
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Batch and length of training. Units: rows (packed rows of ``seq_len`` tokens), per rank where stated.
+
+    Attributes:
+        micro_batch_size: rows per rank per forward/backward.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        epochs: passes over the training rows.
+        max_steps: stop after this many optimizer steps (None = epochs x steps per epoch).
+        seed: model init and data order seed.
+        log_every: optimizer steps between console/TensorBoard lines.
+        eval_every: optimizer steps between held-out loss evaluations (0 = only at the end).
+    """
+
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and export.
+
+    Attributes:
+        every_steps: save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end).
+        keep_last: checkpoints kept (older ones deleted after a successful save).
+        resume: resume from ``output_dir/checkpoints/latest`` when present.
+        export: write a Hugging Face export (safetensors) at the end.
+    """
+
+    every_steps: int = 0
+    keep_last: int = 2
+    resume: bool = True
+    export: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    output_dir: str = "runs/default"
+    ds_config: str = "ds_configs/zero3.json"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _coerce(value, typ, where, errors):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where, errors)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return typ()
+        return _build(typ, value, where, errors)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {int: int, float: float, str: str, bool: bool, dict: dict, list: list}.get(origin or typ)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        errors.append(f"{where}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, errors: list):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            errors.append(f"{prefix}{'.' if prefix else ''}{k}: unknown key (known: {sorted(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}{'.' if prefix else ''}{f.name}", errors)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Loads a YAML run config and applies ``key.sub=value`` overrides (values parsed as YAML).
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and invalid value found.
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: a run config is a YAML mapping")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key.sub=value")
+        k, v = ov.split("=", 1)
+        _set_path(tree, k.strip(), yaml.safe_load(v))
+    # architecture dicts merge with the defaults instead of replacing them
+    arch = tree.get("model", {}).get("architecture") if isinstance(tree.get("model"), dict) else None
+    if isinstance(arch, dict):
+        tree["model"]["architecture"] = {**ModelConfig().architecture, **arch}
+    errors: list[str] = []
+    cfg = _build(RunConfig, tree, "", errors)
+    errors.extend(validate(cfg))
+    if errors:
+        raise ConfigError("invalid run config" + (f" {path}" if path else "") + ":\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Returns every problem with value ranges and combinations (empty when valid)."""
+    e = []
+    if not cfg.data.path:
+        e.append("data.path: required (a directory prepared by `itune-data prepare`)")
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs", "log_every"):
+        if isinstance(getattr(cfg.train, name), int) and getattr(cfg.train, name) < 1:
+            e.append(f"train.{name}: must be >= 1, got {getattr(cfg.train, name)}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        e.append(f"train.max_steps: must be >= 1 or null, got {cfg.train.max_steps}")
+    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+        e.append(f"optim.schedule: {cfg.optim.schedule!r} is not one of cosine, linear, constant")
+    if isinstance(cfg.optim.lr, float) and cfg.optim.lr <= 0:
+        e.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.model.dtype not in ("auto", "bf16", "fp32"):
+        e.append(f"model.dtype: {cfg.model.dtype!r} is not one of auto, bf16, fp32")
+    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not sdpa, eager or "
+                 "flash_attention_2")
+    if cfg.checkpoint.keep_last < 1:
+        e.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
+    return e
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic of a run (the one place it is computed).
+
+    global rows per optimizer step = micro_batch_size x gradient_accumulation_steps x world_size;
+    tokens per optimizer step = global rows x seq_len; steps per epoch = ceil(rows / global rows) (the last
+    step of an epoch is partial: missing rows are all-padding rows that carry no loss, so no row is dropped).
+    """
+
+    rows: int
+    seq_len: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    epochs: int
+    max_steps: int | None
+
+    @property
+    def global_rows_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_rows_per_step * self.seq_len
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.rows / self.global_rows_per_step))
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.epochs
+        return full if self.max_steps is None else min(full, self.max_steps)
+
+    def describe(self) -> str:
+        return (f"batch: {self.micro_batch_size} rows/micro-batch/rank x {self.gradient_accumulation_steps} "
+                f"accumulation x {self.world_size} ranks = {self.global_rows_per_step} rows "
+                f"= {self.tokens_per_step} tokens per optimizer step (seq_len {self.seq_len}); "
+                f"{self.rows} rows -> {self.steps_per_epoch} steps/epoch x {self.epochs} epochs "
+                f"-> {self.total_steps} optimizer steps")

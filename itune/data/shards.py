@@ -1,0 +1,165 @@
+"""Sharded Arrow IPC files of packed rows, and the manifest that describes them.
+
+Row schema (one row = ``seq_len`` tokens):
+
+| column | type | meaning |
+|---|---|---|
+| ``input_ids`` | list<int32> [seq_len] | token ids; padding positions hold the tokenizer's pad id |
+| ``labels`` | list<int32> [seq_len] | unshifted targets, -100 where not trained (prompt, BOS, padding) |
+| ``position_ids`` | list<int32> [seq_len] | restart at 0 for every example and for the padding tail |
+| ``example_lengths`` | list<int32> | tokens of each example in the row, in row order |
+| ``example_ids`` | list<string> | record id of each example |
+
+Files are written to a temporary name and renamed; ``manifest.json`` is written last, so a directory with a
+manifest is complete. :func:`verify` re-checks checksums, schema and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from itune.errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("example_lengths", pa.list_(pa.int32())),
+        ("example_ids", pa.list_(pa.string())),
+    ]
+)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_shards(out_dir: Path, split: str, columns: dict[str, list], max_rows_per_shard: int) -> list[dict]:
+    """Writes rows as ``{split}-{i:05d}-of-{n:05d}.arrow`` files.
+
+    Args:
+        columns: a list per schema column, all of the same length (rows).
+        max_rows_per_shard: bound on rows per file (bounds file size: rows x seq_len x 12 bytes).
+
+    Returns:
+        One entry per shard: ``{"file", "rows", "bytes", "sha256"}``.
+    """
+    n = len(columns["input_ids"])
+    num_shards = max(1, -(-n // max_rows_per_shard))
+    shards = []
+    for s in range(num_shards):
+        lo, hi = s * max_rows_per_shard, min(n, (s + 1) * max_rows_per_shard)
+        table = pa.table({k: pa.array(columns[k][lo:hi], type=SCHEMA.field(k).type) for k in SCHEMA.names},
+                         schema=SCHEMA)
+        name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
+        tmp = out_dir / f".{name}.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+            writer.write_table(table, max_chunksize=1024)
+        os.replace(tmp, out_dir / name)
+        shards.append({"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
+                       "sha256": sha256_file(out_dir / name)})
+    return shards
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """Reads ``data_dir/manifest.json``.
+
+    Raises:
+        ManifestError: no manifest (preparation unfinished or wrong directory) or an unknown format version.
+    """
+    p = Path(data_dir) / MANIFEST
+    if not p.is_file():
+        raise ManifestError(f"{p}: not found. Prepare the data first (`itune-data prepare ...`); "
+                            "a directory without a manifest is incomplete.")
+    m = json.loads(p.read_text())
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{p}: format_version {m.get('format_version')!r}, this itune reads {FORMAT_VERSION}; "
+                            "prepare the data again with this version")
+    return m
+
+
+def manifest_hash(data_dir: str | Path) -> str:
+    """sha256 of the manifest file (identifies the prepared data in checkpoints and results)."""
+    return sha256_file(Path(data_dir) / MANIFEST)
+
+
+def open_split(data_dir: str | Path, split: str) -> pa.Table:
+    """Memory-maps every shard of ``split`` and returns them as one table (zero-copy).
+
+    Raises:
+        ManifestError: the split is missing, or a shard's row count or schema disagrees with the manifest.
+    """
+    data_dir = Path(data_dir)
+    m = read_manifest(data_dir)
+    if split not in m["splits"]:
+        raise ManifestError(f"{data_dir}: no split {split!r} in manifest (have {sorted(m['splits'])})")
+    tables = []
+    for sh in m["splits"][split]["shards"]:
+        source = pa.memory_map(str(data_dir / sh["file"]), "r")
+        t = pa.ipc.open_file(source).read_all()
+        if t.schema != SCHEMA or t.num_rows != sh["rows"]:
+            raise ManifestError(f"{data_dir / sh['file']}: schema or row count ({t.num_rows}) disagrees with the "
+                                f"manifest ({sh['rows']}); prepare the data again")
+        tables.append(t)
+    if not tables:
+        return SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def verify(data_dir: str | Path) -> list[str]:
+    """Re-checks every shard against the manifest: checksum, schema, row counts, row length, token counts.
+
+    Returns:
+        A list of problems (empty when the directory is intact).
+    """
+    data_dir = Path(data_dir)
+    m = read_manifest(data_dir)
+    problems = []
+    seq_len = m["seq_len"]
+    for split, info in m["splits"].items():
+        for sh in info["shards"]:
+            p = data_dir / sh["file"]
+            if not p.is_file():
+                problems.append(f"{p}: missing")
+                continue
+            if sha256_file(p) != sh["sha256"]:
+                problems.append(f"{p}: checksum differs from manifest")
+        try:
+            t = open_split(data_dir, split)
+        except ManifestError as e:
+            problems.append(str(e))
+            continue
+        if t.num_rows != info["rows"]:
+            problems.append(f"{split}: {t.num_rows} rows, manifest says {info['rows']}")
+        lens = pc.list_value_length(t["input_ids"]).to_pylist()
+        if any(n != seq_len for n in lens):
+            problems.append(f"{split}: rows whose length is not seq_len {seq_len}")
+        ex = sum(len(x) for x in t["example_lengths"].to_pylist())
+        if ex != info["counts"]["written"]:
+            problems.append(f"{split}: {ex} examples in rows, manifest says {info['counts']['written']} written")
+        c = info["counts"]
+        if c["read"] != c["written"] + sum(c["rejected"].values()):
+            problems.append(f"{split}: read {c['read']} != written {c['written']} + rejected {c['rejected']}")
+    return problems

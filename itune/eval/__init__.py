@@ -1,0 +1,1 @@
+"""Held-out evaluation: predictions -> official Super-NaturalInstructions scores and reports."""

@@ -1,0 +1,140 @@
+"""Model construction under ZeRO-3, the DeepSpeed config the trainer injects into, optimizer and schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from itune.config import BatchPlan, ModelConfig, OptimConfig, RunConfig
+from itune.errors import ConfigError
+
+# keys the trainer owns, with the run-config field that sets them
+INJECTED_KEYS = {
+    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x world size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.* (itune builds AdamW)",
+    "scheduler": "optim.schedule / optim.warmup_steps",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+}
+
+
+def use_bf16(model_cfg: ModelConfig, cuda: bool) -> bool:
+    """bf16 when asked for, or ``auto`` on CUDA; fp32 on CPU (``auto``)."""
+    if model_cfg.dtype == "bf16":
+        return True
+    return model_cfg.dtype == "auto" and cuda
+
+
+def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidden_size: int, bf16: bool) -> dict:
+    """Reads an engine-settings JSON and injects batch sizes, clipping and precision.
+
+    ``"auto"`` bucket sizes are resolved from the hidden size as transformers' DeepSpeed integration does:
+    reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h.
+
+    Raises:
+        ConfigError: the file is missing or sets a key the trainer injects (names the key and where to set it).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: DeepSpeed config not found (see ds_configs/)")
+    ds = json.loads(p.read_text())
+    bad = [f"{k!r} (set {INJECTED_KEYS[k]} in the run config)" for k in INJECTED_KEYS if k in ds]
+    if bad:
+        raise ConfigError(f"{p}: sets keys that the trainer injects: {', '.join(bad)}; remove them from the JSON")
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    ds["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+    ds["train_batch_size"] = plan.global_rows_per_step
+    ds["gradient_clipping"] = optim.grad_clip
+    ds["bf16"] = {"enabled": bf16}
+    z = ds.get("zero_optimization", {})
+    auto = {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+    for k, v in auto.items():
+        if z.get(k) == "auto":
+            z[k] = v
+    return ds
+
+
+def model_config(cfg: RunConfig, vocab_size: int):
+    """The transformers config: from the checkpoint directory, or a LlamaConfig from ``architecture``."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if cfg.model.pretrained:
+        c = AutoConfig.from_pretrained(cfg.model.pretrained, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        c = LlamaConfig(**{"vocab_size": vocab_size, **cfg.model.architecture})
+    c.use_cache = False
+    return c
+
+
+def build_model(cfg: RunConfig, hf_config, bf16: bool):
+    """Builds (random init) or loads (safetensors) the model; partitioned at construction when ZeRO-3 is active.
+
+    The caller must have created ``transformers.integrations.HfDeepSpeedConfig`` for a ZeRO-3 config and keep it
+    alive: transformers then constructs under ``deepspeed.zero.Init`` so no rank holds the full model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kw = dict(attn_implementation=cfg.model.attn_implementation, dtype=dtype,
+              trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, config=hf_config, use_safetensors=True,
+                                                     **kw)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, **kw)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay for matrices, none for norms and biases (shape read before partitioning)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if len(shape) < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warmup, then cosine/linear/constant
+    to ``min_lr_ratio`` at the last step."""
+    warm = optim.warmup_steps
+    lo = optim.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warm - 1)
+        progress = min(1.0, (s - warm) / span)
+        if optim.schedule == "linear":
+            return 1.0 - (1.0 - lo) * progress
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def flops_per_token(hf_config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x N (non-embedding matmul params) + 12 x layers x hidden x seq_len (attention
+    scores and values, forward + backward), as in the PaLM paper (Chowdhery et al. 2022, appendix B)."""
+    h = hf_config.hidden_size
+    L = hf_config.num_hidden_layers
+    inter = hf_config.intermediate_size
+    kv = getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads)
+    head = h // hf_config.num_attention_heads
+    per_layer = h * h * 2 + 2 * h * kv * head + 3 * h * inter
+    n = L * per_layer + h * hf_config.vocab_size  # + LM head
+    return 6 * n + 12 * L * h * seq_len

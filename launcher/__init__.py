@@ -1,0 +1,1 @@
+"""Entry points executed by ``deepspeed``, ``torchrun`` and ``srun``."""

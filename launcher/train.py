@@ -1,0 +1,43 @@
+"""Training entry point for ``deepspeed``, ``torchrun`` and ``srun``.
+
+    deepspeed --num_gpus 2 launcher/train.py --config configs/superni_tiny.yaml [key.sub=value ...]
+    torchrun --nproc-per-node 2 launcher/train.py --config configs/superni_tiny.yaml
+    srun python launcher/train.py --config configs/superni_tiny.yaml
+
+The config is validated before any distributed work starts. The deepspeed launcher's ``--local_rank=N`` argument
+is accepted (the local rank itself is read from the environment by ``itune.dist``).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    from itune.config import load_config
+    from itune.errors import ItuneError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ItuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from itune.train import run
+
+    try:
+        run(cfg, args.config)
+    except ItuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
