@@ -113,13 +113,16 @@ class CheckpointConfig:
         every_steps: save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end).
         keep_last: checkpoints kept (older ones deleted after a successful save).
         resume: resume from ``output_dir/checkpoints/latest`` when present.
-        export: write a Hugging Face export (safetensors) at the end.
+        export: write a Hugging Face export (safetensors) at the end, to ``output_dir/export``.
+        export_initial: also export the weights before the first step, to ``output_dir/export_step0`` (a
+            baseline for evaluation).
     """
 
     every_steps: int = 0
     keep_last: int = 2
     resume: bool = True
     export: bool = True
+    export_initial: bool = False
 
 
 @dataclass
@@ -149,6 +152,11 @@ def _coerce(value, typ, where, errors):
         return _build(typ, value, where, errors)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-9 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = {int: int, float: float, str: str, bool: bool, dict: dict, list: list}.get(origin or typ)
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
         errors.append(f"{where}: expected {expected.__name__}, got {value!r}")
@@ -234,7 +242,21 @@ def validate(cfg: RunConfig) -> list[str]:
 
 
 def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain data (saved in checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    """Inverse of :func:`to_dict`.
+
+    Raises:
+        ConfigError: unknown keys or wrong types.
+    """
+    errors: list[str] = []
+    cfg = _build(RunConfig, tree, "", errors)
+    if errors:
+        raise ConfigError("invalid saved run config:\n  - " + "\n  - ".join(errors))
+    return cfg
 
 
 @dataclass(frozen=True)

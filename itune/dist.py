@@ -581,7 +581,7 @@ def check_master_reachable(env: DistEnv, timeout_s: float = 10.0) -> str:
     transient resolver failures until ``timeout_s``. It does *not* connect to ``master_port``: the
     rendezvous store on rank 0 only starts listening inside ``init_process_group``, which every rank
     enters together, so a connect beforehand would race rank 0 and prove nothing. A name that does not
-    resolve (e.g. a node list entry unknown to DNS//etc/hosts) is otherwise only reported after the
+    resolve (e.g. a node list entry unknown to DNS and /etc/hosts) is otherwise only reported after the
     collective timeout (minutes); here it fails within seconds. An unreachable but resolvable host is left
     to the init's own timeout.
 

@@ -128,6 +128,32 @@ def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2) -> float:
                                                                                                b.position_ids))
 
 
+def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, rows: PackedRows, rank: int) -> Path:
+    """Gathers the weights (every rank), writes the HF export (rank 0), reloads it with ``from_pretrained`` and
+    checks that its loss on a fixed batch equals the engine's (|diff| <= 1e-4); writes ``export_check.json``.
+
+    Raises:
+        RuntimeError: an empty or misshapen tensor, or a loss mismatch.
+    """
+    engine.eval()
+    engine_loss = fixed_batch_loss(engine, rows)
+    sd = checkpoint.gathered_state_dict(engine)
+    if rank == 0:
+        checkpoint.write_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # load the export as a plain (unpartitioned) model
+        export_loss = fixed_batch_loss(checkpoint.load_export(export_dir), rows)
+        check = {"engine_loss": engine_loss, "export_loss": export_loss, "rows": [0, 1],
+                 "abs_diff": abs(engine_loss - export_loss)}
+        (export_dir / "export_check.json").write_text(json.dumps(check, indent=2))
+        if check["abs_diff"] > 1e-4:
+            raise RuntimeError(f"export {export_dir} does not reproduce the engine: {check}")
+    engine.train()
+    tdist.barrier()
+    return export_dir
+
+
 def run(cfg: RunConfig, config_path: str | None = None) -> dict:
     """Trains per ``cfg``; returns a summary (also ``output_dir/train_summary.json``).
 
@@ -202,6 +228,8 @@ def run(cfg: RunConfig, config_path: str | None = None) -> dict:
                 "world_size": world, "config": to_dict(cfg), "manifest_hash": shards.manifest_hash(cfg.data.path),
                 "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
+    if cfg.checkpoint.export_initial and start_step == 0:
+        export_verified(engine, hf_config, tokenizer_dir, out / "export_step0", train_rows, rank)
     fpt = flops_per_token(hf_config, seq_len)
     example_lengths = train_rows.table.column("example_lengths")
     losses_path = out / "losses.jsonl"
@@ -268,24 +296,8 @@ def run(cfg: RunConfig, config_path: str | None = None) -> dict:
         log.scalars(plan.total_steps, {"loss": summary["heldout_loss"]}, kind="heldout")
         log.print(f"held-out loss {summary['heldout_loss']:.4f}")
     if cfg.checkpoint.export:
-        engine.eval()
-        engine_loss = fixed_batch_loss(engine, train_rows)
-        sd = checkpoint.gathered_state_dict(engine)
-        export_dir = out / "export"
-        if rank == 0:
-            checkpoint.write_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()  # load the export as a plain (unpartitioned) model
-            export_loss = fixed_batch_loss(checkpoint.load_export(export_dir), train_rows)
-            check = {"engine_loss": engine_loss, "export_loss": export_loss, "rows": [0, 1],
-                     "abs_diff": abs(engine_loss - export_loss)}
-            (export_dir / "export_check.json").write_text(json.dumps(check, indent=2))
-            if check["abs_diff"] > 1e-4:
-                raise RuntimeError(f"export {export_dir} does not reproduce the engine: {check}")
-            log.print(f"export: {export_dir} (loss on fixed batch {export_loss:.6f}, engine {engine_loss:.6f})")
-            summary["export"] = str(export_dir)
-        tdist.barrier()
+        summary["export"] = str(export_verified(engine, hf_config, tokenizer_dir, out / "export", train_rows, rank))
+        log.print(f"export: {summary['export']}")
     if rank == 0:
         shards.atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     log.close()

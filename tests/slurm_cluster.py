@@ -41,6 +41,10 @@ REAL_MEMORY_MB = 1024
 INSTALL_CMD = (
     "apt-get update && apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 )
+LAUNCHER_VARIABLES = {
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE",
+}
 TERMINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -97,7 +101,7 @@ def ensure_installed(timeout_s: float = 900.0) -> None:
 
 
 def ensure_hosts(names: Sequence[str] = NODES, hosts_file: str = "/etc/hosts") -> None:
-    """Map the virtual node names to 127.0.0.1 in /etc/hosts when they do not resolve yet."""
+    """Append the virtual node names to /etc/hosts as 127.0.0.1 when the file does not list them yet."""
     text = Path(hosts_file).read_text()
     known = {tok for line in text.splitlines() if not line.lstrip().startswith("#") for tok in line.split()[1:]}
     missing = [n for n in names if n not in known]
@@ -106,6 +110,22 @@ def ensure_hosts(names: Sequence[str] = NODES, hosts_file: str = "/etc/hosts") -
             if text and not text.endswith("\n"):
                 fh.write("\n")
             fh.write("127.0.0.1 " + " ".join(missing) + "  # local Slurm test cluster\n")
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class SlurmCluster:
@@ -201,7 +221,14 @@ SchedulerType=sched/backfill
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
         )
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
+        # Jobs inherit the submitter's environment: drop job and launcher identity variables so a
+        # test run from inside a job or a launcher does not leak RANK & co. into the tasks.
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "TORCHELASTIC_"))
+            and k not in LAUNCHER_VARIABLES
+        }
         self.env["SLURM_CONF"] = str(self.conf)
 
     def _start_munge(self) -> None:
@@ -273,28 +300,25 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         )
 
     def stop(self) -> None:
-        """Stop the daemons this cluster started (by pid file), slurmd first, munged last."""
-        for pid_file in reversed(self._pid_files):
-            try:
-                pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+        """Stop the daemons this cluster started (by pid file): the Slurm daemons together, munged last."""
+        slurm = [p for p in self._pid_files if p.name != "munged.pid"]
+        munge = [p for p in self._pid_files if p.name == "munged.pid"]
+        for group in (slurm, munge):
+            pids = [pid for pid in (_read_pid(p) for p in group) if pid is not None]
+            for pid in pids:
                 try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+            deadline = time.monotonic() + 10
+            while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in pids:
+                if _alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         self._pid_files.clear()
         self._started = False
 
@@ -336,6 +360,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         wait: bool = True,
         timeout_s: float = 180.0,
         cwd: str | os.PathLike[str] | None = None,
+        sbatch_wait: bool = False,
     ) -> tuple[int, int]:
         """Submit a batch script with ``sbatch``.
 
@@ -343,9 +368,11 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             script: A path (``Path`` or an existing file name) or the script text (a string that is not an
                 existing file, e.g. starting with ``#!``).
             *args: Extra sbatch options, e.g. ``"--nodes=2"``.
-            wait: Block until the job ends (``sbatch --wait``).
-            timeout_s: Limit for the sbatch call.
+            wait: Block until the job ends (like ``sbatch --wait``).
+            timeout_s: Limit for the job to end when waiting.
             cwd: Working directory of the job (default: the repository root).
+            sbatch_wait: Wait with ``sbatch --wait`` itself (returns its exit status) instead of polling
+                ``scontrol``; slower, since sbatch polls at 2 s, then ~10 s intervals.
 
         Returns:
             ``(job_id, returncode)``: with ``wait`` the job's exit code, else sbatch's.
@@ -357,18 +384,32 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(script))
             path = Path(name)
-        argv = ["sbatch", "--parsable"]
-        if wait:
-            argv.append("--wait")
-        argv += [*args, str(path)]
+        # Not `sbatch --wait`: it polls the controller at growing intervals (2 s, then ~10 s), which
+        # dominates short test jobs; polling `scontrol show job` ends within a fraction of a second.
+        use_sbatch_wait = wait and sbatch_wait
+        argv = ["sbatch", "--parsable", *(["--wait"] if use_sbatch_wait else []), *args, str(path)]
         workdir = str(cwd) if cwd else str(Path(__file__).resolve().parents[1])
-        proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=workdir, timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, env=self.env, cwd=workdir,
+            timeout=timeout_s if use_sbatch_wait else 60, check=False,
+        )
         m = re.search(r"^(\d+)", proc.stdout.strip())
-        if m is None:
+        if use_sbatch_wait and m is not None:
+            return int(m.group(1)), proc.returncode
+        if proc.returncode != 0 or m is None:
             raise SlurmClusterError(
                 f"sbatch did not submit (rc={proc.returncode}): {proc.stdout}{proc.stderr}\n{self.daemon_logs()}"
             )
-        return int(m.group(1)), proc.returncode
+        job_id = int(m.group(1))
+        if not wait:
+            return job_id, proc.returncode
+        self.wait_job(job_id, timeout_s=timeout_s)
+        return job_id, self.exit_code(job_id)
+
+    def exit_code(self, job_id: int) -> int:
+        """The batch script's exit status like ``sbatch --wait`` reports it (128 + signal if killed)."""
+        code, _, sig = self.job_info(job_id).get("ExitCode", "0:0").partition(":")
+        return 128 + int(sig) if int(code) == 0 and sig and int(sig) else int(code)
 
     def job_info(self, job_id: int) -> dict[str, str]:
         """``scontrol show job -o`` as a dict of Key=Value."""
@@ -388,19 +429,35 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
                 return state
             if time.monotonic() > deadline:
                 raise SlurmClusterError(f"job {job_id} still {state} after {timeout_s:g} s\n{self.daemon_logs()}")
-            time.sleep(0.2)
+            time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running two-node Slurm cluster for the whole test session (skips where Slurm cannot run)."""
-    cluster = SlurmCluster()
+def slurm_cluster(request: pytest.FixtureRequest) -> Iterator[SlurmCluster]:
+    """A running two-node Slurm cluster for the whole test session (skips where Slurm cannot run).
+
+    One cluster per pytest session even when the fixture is registered in several places (a conftest
+    and a test module): the instance is shared through ``request.config`` and stopped by the last user.
+    """
+    holder = request.config.__dict__.setdefault(
+        "_itune_slurm_cluster", {"cluster": None, "users": 0, "skip": None}
+    )
+    if holder["skip"]:
+        pytest.skip(holder["skip"])
+    if holder["cluster"] is None:
+        cluster = SlurmCluster()
+        try:
+            cluster.start()
+        except SlurmUnavailable as exc:
+            cluster.cleanup()
+            holder["skip"] = f"no local Slurm: {exc}"
+            pytest.skip(holder["skip"])
+        holder["cluster"] = cluster
+    holder["users"] += 1
     try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        cluster.cleanup()
-        pytest.skip(f"no local Slurm: {exc}")
-    try:
-        yield cluster
+        yield holder["cluster"]
     finally:
-        cluster.cleanup()
+        holder["users"] -= 1
+        if holder["users"] == 0:
+            holder["cluster"].cleanup()
+            holder["cluster"] = None

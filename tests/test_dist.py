@@ -370,7 +370,7 @@ def test_startup_line():
 
 def test_export_for_torch(monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "placeholder")  # setenv (not delenv) so the undo removes what export writes
     env = resolve(SRUN)
     dist.export_for_torch(env)
     assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == {

@@ -7,8 +7,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from itune.dist import expand_nodelist
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+
+try:
+    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+except ModuleNotFoundError:  # plain `pytest`: tests/ is on sys.path, the repository root is not
+    from slurm_cluster import slurm_cluster  # noqa: F401
+
+pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -127,7 +135,7 @@ def test_sub_step_on_second_node_uses_its_own_master(slurm_cluster, tmp_path):
 def test_resolve_in_batch_script_of_multi_task_job_fails(slurm_cluster, tmp_path):
     body = f"{PY} -c 'from itune import dist; dist.resolve()'\n"
     job_id, rc = slurm_cluster.submit(_script(body, tmp_path, "--nodes=2", "--ntasks-per-node=1"))
-    assert rc != 0
+    assert rc == 1
     assert slurm_cluster.job_state(job_id) == "FAILED"
     output = _job_output(tmp_path, job_id)
     assert "DistEnvError" in output and "no SLURM_STEP_ID" in output and "srun python" in output
@@ -138,7 +146,7 @@ def test_hostfile_inside_allocation(slurm_cluster, tmp_path):
     {PY} -m launcher.slurm_hostfile --out {tmp_path}/hostfile
     {PY} -m launcher.slurm_hostfile --out {tmp_path}/hostfile4 --slots 4
     """
-    job_id, rc = slurm_cluster.submit(_script(body, tmp_path, "--nodes=2", "--ntasks-per-node=2"))
+    job_id, rc = slurm_cluster.submit(_script(body, tmp_path, "--nodes=2", "--ntasks-per-node=2"), sbatch_wait=True)
     assert rc == 0, _job_output(tmp_path, job_id)
     assert slurm_cluster.job_state(job_id) == "COMPLETED"
     assert (tmp_path / "hostfile").read_text() == "vnode1 slots=2\nvnode2 slots=2\n"

@@ -1,4 +1,4 @@
-"""Sharded Arrow IPC files of packed rows, and the manifest that describes them.
+"""Sharded Arrow IPC stream files of packed rows (the format `datasets` memory-maps), and the manifest that describes them.
 
 Row schema (one row = ``seq_len`` tokens):
 
@@ -75,7 +75,7 @@ def write_shards(out_dir: Path, split: str, columns: dict[str, list], max_rows_p
                          schema=SCHEMA)
         name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
         tmp = out_dir / f".{name}.tmp"
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
             writer.write_table(table, max_chunksize=1024)
         os.replace(tmp, out_dir / name)
         shards.append({"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
@@ -117,10 +117,14 @@ def open_split(data_dir: str | Path, split: str) -> pa.Table:
         raise ManifestError(f"{data_dir}: no split {split!r} in manifest (have {sorted(m['splits'])})")
     tables = []
     for sh in m["splits"][split]["shards"]:
-        source = pa.memory_map(str(data_dir / sh["file"]), "r")
-        t = pa.ipc.open_file(source).read_all()
+        path = data_dir / sh["file"]
+        try:
+            t = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+        except (OSError, pa.ArrowException) as e:
+            raise ManifestError(f"{path}: cannot read this shard as Arrow IPC stream ({e}); run "
+                                f"`itune-data verify {data_dir}` and prepare the data again") from e
         if t.schema != SCHEMA or t.num_rows != sh["rows"]:
-            raise ManifestError(f"{data_dir / sh['file']}: schema or row count ({t.num_rows}) disagrees with the "
+            raise ManifestError(f"{path}: schema or row count ({t.num_rows}) disagrees with the "
                                 f"manifest ({sh['rows']}); prepare the data again")
         tables.append(t)
     if not tables:
@@ -148,8 +152,8 @@ def verify(data_dir: str | Path) -> list[str]:
                 problems.append(f"{p}: checksum differs from manifest")
         try:
             t = open_split(data_dir, split)
-        except ManifestError as e:
-            problems.append(str(e))
+        except (ManifestError, OSError, pa.ArrowException) as e:
+            problems.append(f"{split}: unreadable: {e}")
             continue
         if t.num_rows != info["rows"]:
             problems.append(f"{split}: {t.num_rows} rows, manifest says {info['rows']}")

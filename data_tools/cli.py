@@ -1,0 +1,161 @@
+"""``itune-data``: offline data preparation.
+
+    itune-data prepare --superni ../shared/data/superni --tokenizer ../shared/tokenizers/mistral-7b-v0.3 \\
+        --seq-len 512 --out runs/data/superni_512
+    itune-data synthetic-suite --out runs/demo/suite            # the embedded default task suite
+    itune-data train-tokenizer --superni runs/demo/suite --vocab-size 1024 --out runs/demo/tokenizer
+    itune-data verify runs/data/superni_512
+    itune-data inspect runs/data/superni_512 --rows 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _prepare(a) -> int:
+    from itune.data.prepare import PrepareOptions, prepare_superni
+
+    m = prepare_superni(PrepareOptions(
+        superni_dir=Path(a.superni), tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
+        train_split=Path(a.train_split) if a.train_split else None,
+        test_split=Path(a.test_split) if a.test_split else None,
+        max_instances_per_task=a.max_instances_per_task, max_eval_instances_per_task=a.max_eval_instances_per_task,
+        num_pos_examples=a.num_pos_examples, add_definition=not a.no_definition, overflow=a.overflow, seed=a.seed,
+        max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite))
+    for split, info in m["splits"].items():
+        c = info["counts"]
+        print(f"{split}: {len(info['tasks'])} tasks, read {c['read']} = written {c['written']} + rejected "
+              f"{sum(c['rejected'].values())} {c['rejected'] or ''}; {info['rows']} rows of {m['seq_len']} tokens, "
+              f"{info['trainable_tokens']} trainable tokens, packing efficiency {info['packing_efficiency']:.4f}")
+    print(f"wrote {a.out}/manifest.json ({m['seconds']:.1f} s)")
+    return 0
+
+
+def _synthetic(a) -> int:
+    from itune.data.synthetic import write_task_suite
+
+    s = write_task_suite(a.out, seed=a.seed, instances_per_task=a.instances_per_task)
+    print(f"wrote {s['num_tasks']} tasks ({s['splits']['train']['num_tasks']} train, "
+          f"{s['splits']['test']['num_tasks']} held-out), {s['num_instances']} instances to {a.out}")
+    return 0
+
+
+def _train_tokenizer(a) -> int:
+    from itune.data.sources import read_split_file, read_superni_task, superni_task_path
+    from itune.data.tokenizer import train_sentencepiece
+
+    root = Path(a.superni)
+    lines: list[str] = []
+    for split in ("train_tasks.txt", "test_tasks.txt"):
+        p = root / "splits" / split
+        if not p.is_file():
+            continue
+        for name in read_split_file(p):
+            for ex, _, _ in read_superni_task(superni_task_path(root / "tasks", name)):
+                if ex is not None:
+                    lines.extend(m.content for m in ex.messages)
+    if not lines:
+        print(f"error: no text found under {root}/splits + tasks", file=sys.stderr)
+        return 2
+    out = train_sentencepiece(lines, a.out, vocab_size=a.vocab_size)
+    print(f"wrote SentencePiece tokenizer ({a.vocab_size} pieces requested) to {out}")
+    return 0
+
+
+def _verify(a) -> int:
+    from itune.data.shards import verify
+
+    problems = verify(a.data)
+    for p in problems:
+        print(p)
+    print("ok" if not problems else f"{len(problems)} problems")
+    return 0 if not problems else 1
+
+
+def _piece(tok, i: int) -> str:
+    """Readable form of one token: metaspace as a space, byte-fallback tokens as their byte."""
+    p = tok.id_to_token(i) or f"<{i}>"
+    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+        return chr(int(p[3:5], 16))
+    return p.replace("\u2581", " ")
+
+
+def _inspect(a) -> int:
+    from itune.data.shards import open_split, read_manifest
+    from itune.data.tokenizer import TextTokenizer
+
+    m = read_manifest(a.data)
+    tok = TextTokenizer.load(m["tokenizer"]["path"])
+    t = open_split(a.data, a.split)
+    for r in range(min(a.rows, t.num_rows)):
+        ids = t["input_ids"][r].as_py()
+        labels = t["labels"][r].as_py()
+        pos = 0
+        print(f"== row {r}: examples {t['example_ids'][r].as_py()}")
+        for n in t["example_lengths"][r].as_py():
+            text = ""
+            for i in range(pos, pos + n):
+                piece = _piece(tok, ids[i])
+                text += f"[[{piece}]]" if labels[i] != -100 else piece
+            print(text)
+            print("--")
+            pos += n
+    print(json.dumps({s: i["examples_per_task"] for s, i in m["splits"].items()}, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="itune-data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prepare", help="render, mask, pack and shard SuperNI task files")
+    q.add_argument("--superni", required=True, help="directory with tasks/ and splits/")
+    q.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")
+    q.add_argument("--train-split", help="train task list (default splits/train_tasks.txt)")
+    q.add_argument("--test-split", help="held-out task list (default splits/test_tasks.txt)")
+    q.add_argument("--max-instances-per-task", type=int, default=None)
+    q.add_argument("--max-eval-instances-per-task", type=int, default=100)
+    q.add_argument("--num-pos-examples", type=int, default=2)
+    q.add_argument("--no-definition", action="store_true")
+    q.add_argument("--overflow", default="truncate_prompt_left",
+                   choices=["truncate_prompt_left", "truncate_response", "drop"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-rows-per-shard", type=int, default=4096)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(fn=_prepare)
+    q = sub.add_parser("synthetic-suite", help="write the embedded default task suite (SuperNI format)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--instances-per-task", type=int, default=60)
+    q.set_defaults(fn=_synthetic)
+    q = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on SuperNI-format tasks")
+    q.add_argument("--superni", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--vocab-size", type=int, default=1024)
+    q.set_defaults(fn=_train_tokenizer)
+    q = sub.add_parser("verify", help="re-check shards against the manifest")
+    q.add_argument("data")
+    q.set_defaults(fn=_verify)
+    q = sub.add_parser("inspect", help="show decoded rows, trained tokens in [[...]]")
+    q.add_argument("data")
+    q.add_argument("--split", default="train")
+    q.add_argument("--rows", type=int, default=1)
+    q.set_defaults(fn=_inspect)
+    a = p.parse_args(argv)
+    from itune.errors import ItuneError
+
+    try:
+        return a.fn(a)
+    except ItuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""``itune-eval``: held-out generation and official SuperNI scoring.
+
+    itune-eval --data runs/data/superni_512 --model runs/superni_tiny/export --out runs/superni_tiny/eval
+    deepspeed --num_gpus 2 -m itune.eval.cli --data runs/data/superni_512 --run-dir runs/superni_tiny
+    itune-eval --compare runs/a/eval/results.json runs/b/eval/results.json
+    itune-eval --score DIR   (score predictions.jsonl + references.jsonl in DIR, official rules)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="itune-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="prepared data directory (manifest.json + <split>_eval.jsonl)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="exported Hugging Face checkpoint directory")
+    src.add_argument("--run-dir", help="training run directory with DeepSpeed checkpoints (ZeRO-3 generation)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="output directory (default: <model or run-dir>/eval)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call per rank")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="suppress EOS before this many tokens")
+    p.add_argument("--max-instances", type=int, default=None, help="first N instances per task")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results files side by side")
+    p.add_argument("--score", metavar="DIR", help="score DIR/predictions.jsonl against DIR/references.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    from itune.errors import ItuneError
+
+    try:
+        return _run(a, p)
+    except ItuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a, p) -> int:
+    from pathlib import Path
+
+    from itune.eval import report
+    from itune.eval.run import load_results
+
+    if a.compare:
+        print(report.compare_results(load_results(a.compare[0]), load_results(a.compare[1]),
+                                     Path(a.compare[0]).parent.name or "a", Path(a.compare[1]).parent.name or "b"))
+        return 0
+    if a.score:
+        from itune.eval.metrics import score_superni
+
+        preds, refs = report.read_official_files(a.score)
+        scores = score_superni(preds, refs)
+        report.write_results(Path(a.score) / "official_results.json", dict(scores))
+        print(report.markdown_table(dict(scores)))
+        return 0
+    if not a.data or not (a.model or a.run_dir):
+        p.error("--data and one of --model / --run-dir are required (or --compare / --score)")
+    from itune.eval.run import engine_from_run, evaluate, model_from_export
+
+    if a.model:
+        from itune import dist
+
+        env = dist.resolve()
+        if env.world_size > 1:  # an exported model under a launcher: plain data parallel generation
+            import torch.distributed as tdist
+
+            dist.export_for_torch(env)
+            tdist.init_process_group("gloo")
+        model, step, synced, name = model_from_export(a.model), None, False, a.model
+    else:
+        model, step = engine_from_run(a.run_dir)
+        synced, name = True, a.run_dir
+    out = a.out or str(Path(a.model or a.run_dir) / "eval")
+    res = evaluate(model, a.data, out, split=a.split, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                   min_new_tokens=a.min_new_tokens,
+                   max_instances=a.max_instances, synced_gpus=synced, model_name=name, step=step)
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        print(report.markdown_table(res["results"]))
+        r = res["results"]
+        print(f"{res['num_instances']} instances: ROUGE-L {r['rougeL_default_track']:.4f} "
+              f"EM {r['exact_match_default_track']:.4f} -> {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Held-out evaluation: prepared eval instances -> generation -> official SuperNI scores and reports.
+
+Model sources: an exported Hugging Face checkpoint (no DeepSpeed needed, one process or several), or a training
+run directory holding DeepSpeed checkpoints (run under the ``deepspeed`` launcher: the model is rebuilt under
+ZeRO-3 and generation uses ``synced_gpus``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from itune.data import shards
+from itune.data.tokenizer import TextTokenizer
+from itune.eval import report
+from itune.eval.generate import generate_all
+from itune.eval.metrics import score_superni
+from itune.errors import ConfigError, ManifestError
+
+
+def load_eval_records(data_dir: str | Path, split: str = "test", max_instances: int | None = None) -> list[dict]:
+    """Reads the prepared eval instances of ``split`` (prompt ids rendered by the training renderer).
+
+    Args:
+        max_instances: keep the first N per task (None: all prepared, at most 100 per task by default).
+
+    Raises:
+        ManifestError: the split has no eval file or its checksum differs from the manifest.
+    """
+    m = shards.read_manifest(data_dir)
+    info = m["splits"].get(split)
+    if not info or "eval_file" not in info:
+        raise ManifestError(f"{data_dir}: split {split!r} has no evaluation instances (have "
+                            f"{[s for s, i in m['splits'].items() if 'eval_file' in i]})")
+    path = Path(data_dir) / info["eval_file"]
+    if shards.sha256_file(path) != info["eval_sha256"]:
+        raise ManifestError(f"{path}: checksum differs from the manifest; prepare the data again")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if max_instances is not None:
+        per_task: dict[str, int] = {}
+        kept = []
+        for r in records:
+            per_task[r["task_id"]] = per_task.get(r["task_id"], 0) + 1
+            if per_task[r["task_id"]] <= max_instances:
+                kept.append(r)
+        records = kept
+    return records
+
+
+def contamination_check(data_dir: str | Path, split: str) -> None:
+    """Refuses to report a held-out task that also appears in a training split of the same manifest."""
+    m = shards.read_manifest(data_dir)
+    tasks = set(m["splits"][split]["tasks"])
+    for other, info in m["splits"].items():
+        if other != split and other == "train":
+            both = sorted(tasks & set(info["tasks"]))
+            if both:
+                raise ManifestError(f"{data_dir}: held-out tasks {both} also appear in the training split; "
+                                    "their scores would not be held-out scores")
+
+
+def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "test", batch_size: int = 8,
+             max_new_tokens: int = 64, min_new_tokens: int = 0,
+             max_instances: int | None = None, synced_gpus: bool = False,
+             model_name: str = "", step: int | None = None, do_sample: bool = False) -> dict:
+    """Generates for every eval instance and scores with the official SuperNI protocol.
+
+    Writes (rank 0): ``predictions.jsonl`` and ``references.jsonl`` (official formats), ``official_results.json``
+    (the official script's output format), ``results.json`` (official keys + model, step, manifest hash) and
+    ``results.md``.
+
+    Predictions are the decoded generated tokens with special tokens removed and surrounding whitespace stripped;
+    no other post-processing.
+
+    Returns:
+        The ``results.json`` content.
+    """
+    contamination_check(data_dir, split)
+    m = shards.read_manifest(data_dir)
+    tok = TextTokenizer.load(m["tokenizer"]["path"])
+    records = load_eval_records(data_dir, split, max_instances)
+    t0 = time.time()
+    gen = generate_all(model, [r["prompt_ids"] for r in records], eos_id=m["tokenizer"]["eos_id"],
+                       pad_id=m["tokenizer"]["pad_id"], max_new_tokens=max_new_tokens,
+                       min_new_tokens=min_new_tokens, batch_size=batch_size,
+                       synced_gpus=synced_gpus, do_sample=do_sample)
+    seconds = time.time() - t0
+    predictions = {r["id"]: tok.decode(g).strip() for r, g in zip(records, gen)}
+    scores = score_superni(predictions, records)
+    results = {"model": model_name, "step": step, "split": split, "manifest_hash": shards.manifest_hash(data_dir),
+               "num_instances": len(records), "missing_predictions": scores.num_missing_predictions,
+               "generation": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "batch_size": batch_size, "greedy": not do_sample,
+                              "seconds": round(seconds, 2)},
+               "results": dict(scores)}
+    rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+    if rank == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_official_files(out, [{**r, "prediction": predictions[r["id"]]} for r in records])
+        report.write_results(out / "official_results.json", dict(scores))
+        shards.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        shards.atomic_write_text(out / "results.md", report.markdown_table(dict(scores)))
+    return results
+
+
+def load_results(path: str | Path) -> dict:
+    """Official results dict from a ``results.json`` or an ``official_results.json``."""
+    d = json.loads(Path(path).read_text())
+    return d["results"] if isinstance(d.get("results"), dict) else d
+
+
+def model_from_export(path: str | Path):
+    """An exported checkpoint as a plain fp32 module on CPU (bf16 on CUDA)."""
+    from itune.checkpoint import load_export
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{p}: not a Hugging Face model directory (no config.json)")
+    cuda = torch.cuda.is_available()
+    model = load_export(p, dtype=torch.bfloat16 if cuda else torch.float32)
+    return model.cuda() if cuda else model
+
+
+def engine_from_run(run_dir: str | Path):
+    """Rebuilds the ZeRO-3 model of a training run and loads its latest DeepSpeed checkpoint (weights only).
+
+    Must run under a distributed launcher (or as a single process); returns ``(module, step)``.
+    """
+    from itune import checkpoint, dist
+    from itune.config import BatchPlan, config_from_dict
+    from itune.model import build_ds_config, build_model, model_config, use_bf16
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise ConfigError(f"{ckpt_dir}: no checkpoint (no 'latest' file)")
+    state = json.loads((ckpt_dir / tag / "itune_state.json").read_text())
+    env = dist.resolve()
+    dist.export_for_torch(env)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    cfg = config_from_dict(state["config"])
+    m = shards.read_manifest(cfg.data.path)
+    plan = BatchPlan(1, m["seq_len"], 1, 1, tdist.get_world_size(), 1, None)
+    hf_config = model_config(cfg, m["tokenizer"]["vocab_size"])
+    for k in ("bos_id", "eos_id", "pad_id"):
+        setattr(hf_config, k.replace("_id", "_token_id"), m["tokenizer"][k])
+    hf_config.use_cache = True
+    bf16 = use_bf16(cfg.model, cuda)
+    ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
+    dschf = HfDeepSpeedConfig(ds_config)
+    model = build_model(cfg, hf_config, bf16)
+    model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    # ZeRO-3 restores partitioned weights through its optimizer wrapper; an optimizer with lr 0 is never stepped
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    engine.module._itune_keepalive = dschf
+    return engine.module, state["global_step"]

@@ -1,0 +1,16 @@
+"""Evaluation entry point for ``deepspeed``, ``torchrun`` and ``srun`` (ZeRO-3 generation from a run directory).
+
+    deepspeed --num_gpus 2 launcher/eval.py --data runs/data/superni_512 --run-dir runs/superni_tiny
+
+Arguments are those of ``itune-eval``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":
+    from itune.eval.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: paths to the real data beside the checkout, and the local Slurm cluster."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ITUNE_SHARED", ROOT.parent / "shared"))
+SUPERNI = SHARED / "data" / "superni"
+MISTRAL = SHARED / "tokenizers" / "mistral-7b-v0.3"
+
+try:
+    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: local 2-node Slurm)
+except ModuleNotFoundError:  # plain `pytest`: tests/ is on sys.path, the repository root is not
+    from slurm_cluster import slurm_cluster  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer():
+    from itune.data.tokenizer import TextTokenizer
+
+    assert MISTRAL.is_dir(), f"{MISTRAL} missing: the shared folder must sit beside the checkout"
+    return TextTokenizer.load(MISTRAL)
+
+
+def deepspeed_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """The real `deepspeed` launcher of this environment, `nproc` local ranks."""
+    exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [exe, "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000), script, *args]
+
+
+def run_cmd(cmd, cwd=ROOT, timeout=900, env=None, check=True):
+    """Runs a command, returning CompletedProcess; on failure the assertion shows the output tail."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+    if check:
+        assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return p

@@ -1,0 +1,61 @@
+"""Run config: every problem reported at once; DeepSpeed JSON refuses keys the trainer injects."""
+
+import json
+
+import pytest
+
+from itune.config import BatchPlan, load_config
+from itune.errors import ConfigError
+from itune.model import build_ds_config, lr_lambda
+from itune.config import OptimConfig
+
+
+def test_all_errors_collected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {path: x}\ntrain: {micro_batch_size: 0, epochz: 2}\noptim: {schedule: cosin, lr: fast}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    for part in ("train.epochz: unknown key", "train.micro_batch_size: must be >= 1",
+                 "optim.schedule: 'cosin'", "optim.lr: expected float"):
+        assert part in msg
+
+
+def test_overrides_and_architecture_merge(tmp_path):
+    cfg = load_config("configs/superni_tiny.yaml", ["train.max_steps=3", "model.architecture.hidden_size=32",
+                                                    "output_dir=runs/x"])
+    assert cfg.train.max_steps == 3 and cfg.output_dir == "runs/x"
+    assert cfg.model.architecture["hidden_size"] == 32 and cfg.model.architecture["num_hidden_layers"] == 2
+
+
+def test_batch_plan_arithmetic():
+    plan = BatchPlan(rows=134, seq_len=512, micro_batch_size=2, gradient_accumulation_steps=2, world_size=2,
+                     epochs=2, max_steps=None)
+    assert plan.global_rows_per_step == 8 and plan.tokens_per_step == 4096
+    assert plan.steps_per_epoch == 17 and plan.total_steps == 34  # ceil(134 / 8): the tail is not dropped
+    assert BatchPlan(134, 512, 2, 2, 2, 2, 5).total_steps == 5
+
+
+def test_ds_config_refuses_injected_keys(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 16, "gradient_clipping": 1}))
+    plan = BatchPlan(10, 64, 1, 1, 2, 1, None)
+    with pytest.raises(ConfigError, match="'train_batch_size' \\(set train.micro_batch_size"):
+        build_ds_config(p, plan, OptimConfig(), 64, False)
+
+
+def test_ds_config_injection_and_auto_buckets():
+    plan = BatchPlan(10, 64, 2, 3, 2, 1, None)
+    ds = build_ds_config("ds_configs/zero3.json", plan, OptimConfig(grad_clip=0.5), 64, False)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    z = ds["zero_optimization"]
+    assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
+        4096, 3686, 640)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = lr_lambda(OptimConfig(warmup_steps=2, min_lr_ratio=0.1, schedule="cosine"), total_steps=12)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == 1.0 and abs(f(11) - 0.1) < 1e-12
+    assert abs(f(2 + 9 / 2) - 0.55) < 1e-12  # halfway through the decay: (1 + 0.1) / 2
