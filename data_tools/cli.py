@@ -2,6 +2,10 @@
 
     itune-data prepare --superni ../shared/data/superni --tokenizer ../shared/tokenizers/mistral-7b-v0.3 \\
         --seq-len 512 --out runs/data/superni_512
+    itune-data prepare --input ../shared/data/alpaca_libre/alpaca_libre_tasks_v3.jsonl \\
+        --input ../shared/data/fastchat_sharegpt_dummy/dummy_conversation.json \\
+        --tokenizer ../shared/tokenizers/mistral-7b-v0.3 --seq-len 1024 --out runs/data/mix --on-error skip
+    itune-data prepare --input qa.jsonl --field prompt=question --field completion=answer --template completion ...
     itune-data synthetic-suite --out runs/demo/suite            # the embedded default task suite
     itune-data train-tokenizer --superni runs/demo/suite --vocab-size 1024 --out runs/demo/tokenizer
     itune-data verify runs/data/superni_512
@@ -19,18 +23,53 @@ from pathlib import Path
 def _prepare(a) -> int:
     from itune.data.prepare import PrepareOptions, prepare_superni
 
+    if bool(a.superni) == bool(a.input):
+        print("error: give either --superni DIR or one or more --input FILE", file=sys.stderr)
+        return 2
+    if a.input:
+        return _prepare_sources(a)
+    given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction")
+             if getattr(a, k) not in (None, [], "auto", "raise")]
+    if a.train_on != "all":
+        given.append("--train-on")
+    if given:
+        print(f"error: {', '.join(given)} apply to --input files only (SuperNI uses the Tk-Instruct completion "
+              "format)", file=sys.stderr)
+        return 2
     m = prepare_superni(PrepareOptions(
         superni_dir=Path(a.superni), tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
         train_split=Path(a.train_split) if a.train_split else None,
         test_split=Path(a.test_split) if a.test_split else None,
         max_instances_per_task=a.max_instances_per_task, max_eval_instances_per_task=a.max_eval_instances_per_task,
         num_pos_examples=a.num_pos_examples, add_definition=not a.no_definition, overflow=a.overflow, seed=a.seed,
-        max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite))
+        max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite, pack=not a.no_pack))
     for split, info in m["splits"].items():
         c = info["counts"]
         print(f"{split}: {len(info['tasks'])} tasks, read {c['read']} = written {c['written']} + rejected "
               f"{sum(c['rejected'].values())} {c['rejected'] or ''}; {info['rows']} rows of {m['seq_len']} tokens, "
               f"{info['trainable_tokens']} trainable tokens, packing efficiency {info['packing_efficiency']:.4f}")
+    print(f"wrote {a.out}/manifest.json ({m['seconds']:.1f} s)")
+    return 0
+
+
+def _prepare_sources(a) -> int:
+    from itune.data.prepare import SourcesOptions, prepare_sources
+    from itune.data.sources import parse_field_mapping
+
+    m = prepare_sources(SourcesOptions(
+        inputs=[Path(p) for p in a.input], tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
+        format=a.format, template=a.template, fields=parse_field_mapping(a.field), train_on=a.train_on,
+        on_error=a.on_error, max_bad_fraction=a.max_bad_fraction, overflow=a.overflow, seed=a.seed,
+        max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite))
+    for s in m["sources"]:
+        c = s["counts"]
+        print(f"{s['path']}: {s['format']}, template {s['template']}: read {c['read']} = written {c['written']} + "
+              f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}")
+    info = m["splits"]["train"]
+    c = info["counts"]
+    print(f"train: read {c['read']} = written {c['written']} + rejected {sum(c['rejected'].values())}; "
+          f"{info['rows']} rows of {m['seq_len']} tokens ({m['packing']}), {info['trainable_tokens']} trainable "
+          f"tokens, packing efficiency {info['packing_efficiency']:.4f}")
     print(f"wrote {a.out}/manifest.json ({m['seconds']:.1f} s)")
     return 0
 
@@ -112,8 +151,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="itune-data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("prepare", help="render, mask, pack and shard SuperNI task files")
-    q.add_argument("--superni", required=True, help="directory with tasks/ and splits/")
+    q = sub.add_parser("prepare", help="render, mask, pack and shard SuperNI task files or instruction files")
+    q.add_argument("--superni", help="directory with tasks/ and splits/")
+    q.add_argument("--input", action="append", default=[], metavar="FILE",
+                   help="instruction file (JSON array, JSONL, Parquet, Arrow); repeat for several; split 'train'")
+    q.add_argument("--format", default="auto",
+                   choices=["auto", "alpaca", "prompt_completion", "messages", "sharegpt"],
+                   help="input format (auto: from the first record's keys)")
+    q.add_argument("--template", default=None, choices=["completion", "alpaca", "chat", "tokenizer"],
+                   help="rendering (default per format: alpaca->alpaca, prompt_completion->completion, "
+                        "messages/sharegpt->chat; tokenizer = the tokenizer's chat template)")
+    q.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
+                   help="read field NAME from key KEY, e.g. --field prompt=question --field completion=answer")
+    q.add_argument("--train-on", default="all", choices=["all", "last"], help="assistant turns to train on")
+    q.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="bad record: stop (raise) or count it and write it to rejects.jsonl (skip)")
+    q.add_argument("--max-bad-fraction", type=float, default=None,
+                   help="with --on-error skip: fail when more than this fraction of records is bad")
+    q.add_argument("--no-pack", action="store_true", help="one example per row (no packing), for comparison")
     q.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     q.add_argument("--out", required=True)
     q.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")

@@ -30,7 +30,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int, rank: i
         state: JSON-serialisable trainer state (global step, loader position, config, manifest hash, versions).
     """
     tag = f"global_step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"itune": state}, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"itune": state, "rng": rng}, save_latest=False)
     tdist.barrier()
     if rank == 0:
         (Path(ckpt_dir) / tag / "itune_state.json").write_text(json.dumps(state, indent=2))
@@ -45,17 +46,43 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int, rank: i
     return tag
 
 
-def load(engine, ckpt_dir: Path) -> dict | None:
-    """Loads ``latest`` into the engine (weights, optimizer, scheduler); returns the trainer state or None."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if client is None or "itune" not in client:
-        state_file = Path(ckpt_dir) / tag / "itune_state.json"
-        return json.loads(state_file.read_text())
-    return client["itune"]
+def load(engine, ckpt_dir: Path, tag: str) -> None:
+    """Loads checkpoint ``tag`` into the engine: weights, optimizer and scheduler states.
+
+    Raises:
+        RuntimeError: DeepSpeed could not load it (the message names the directory).
+    """
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"{Path(ckpt_dir) / tag}: DeepSpeed could not load this checkpoint")
+    rng = (client or {}).get("rng")
+    if rng:  # per-rank RNG streams continue where they stopped (not restored from universal checkpoints)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
+    """Converts ``tag`` to DeepSpeed's universal checkpoint format (``<tag>_universal``), once, on rank 0, with
+    ``deepspeed.checkpoint.ds_to_universal``; the engine must be configured with
+    ``"checkpoint": {"load_universal": true}`` to load it on another number of ranks (DeepSpeed PR #5475)."""
+    import subprocess
+    import sys
+
+    out = Path(ckpt_dir) / f"{tag}_universal"
+    if rank == 0 and not out.is_dir():
+        tmp = Path(ckpt_dir) / f".{tag}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(Path(ckpt_dir) / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                            "--num_merge_workers", "1"], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"converting {Path(ckpt_dir) / tag} to a universal checkpoint failed:\n"
+                               f"{p.stderr[-3000:]}")
+        os.replace(tmp, out)
+    tdist.barrier()
+    return out.name
 
 
 def gathered_state_dict(engine) -> dict | None:

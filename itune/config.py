@@ -94,6 +94,10 @@ class TrainConfig:
         seed: model init and data order seed.
         log_every: optimizer steps between console/TensorBoard lines.
         eval_every: optimizer steps between held-out loss evaluations (0 = only at the end).
+        peak_flops_per_s: peak FLOP/s of one accelerator, for the MFU estimate (e.g. 989e12: dense bf16 of an
+            H100/H200 SXM); 0 disables MFU.
+        collective_timeout_s: timeout of a collective before the process group fails (a dead peer).
+        progress_bar: tqdm bar with ETA on rank 0.
     """
 
     micro_batch_size: int = 1
@@ -103,6 +107,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    peak_flops_per_s: float = 0.0
+    collective_timeout_s: int = 1800
+    progress_bar: bool = True
 
 
 @dataclass

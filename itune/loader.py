@@ -30,12 +30,14 @@ class Batch:
     Attributes:
         input_ids, labels, position_ids: int64 tensors [micro_batch_size, seq_len]. labels are unshifted.
         row_ids: global row indices, -1 for all-padding filler rows.
+        real_tokens: tokens of the batch that belong to examples (not padding).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
     row_ids: list[int]
+    real_tokens: int = 0
 
 
 class PackedRows:
@@ -46,6 +48,7 @@ class PackedRows:
         self.seq_len = seq_len
         self.pad_id = pad_id
         self._cols = {k: table.column(k) for k in ("input_ids", "labels", "position_ids")}
+        self._real = [sum(x) for x in table.column("example_lengths").to_pylist()]
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -63,7 +66,8 @@ class PackedRows:
                 for k, col in self._cols.items():
                     out[k][j] = col[int(r)].values.to_numpy()
         return Batch(torch.from_numpy(out["input_ids"]), torch.from_numpy(out["labels"]),
-                     torch.from_numpy(out["position_ids"]), list(row_ids))
+                     torch.from_numpy(out["position_ids"]), list(row_ids),
+                     sum(self._real[r] for r in row_ids if r >= 0))
 
 
 def step_row_ids(plan: BatchPlan, seed: int, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:

@@ -11,10 +11,13 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from tqdm import tqdm
 
 from itune import __version__, checkpoint, dist
 from itune.config import BatchPlan, RunConfig, to_dict
@@ -44,7 +47,8 @@ class RankZeroLog:
 
     def print(self, *a):
         if self.on:
-            print(*a, flush=True)
+            tqdm.write(" ".join(str(x) for x in a))  # above the progress bar, if one is shown
+            sys.stdout.flush()
 
     def scalars(self, step: int, values: dict, kind: str = "train"):
         if not self.on:
@@ -154,10 +158,63 @@ def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, ro
     return export_dir
 
 
-def run(cfg: RunConfig, config_path: str | None = None) -> dict:
-    """Trains per ``cfg``; returns a summary (also ``output_dir/train_summary.json``).
+@dataclass
+class Setup:
+    """Everything a training loop needs, built once by :func:`setup`."""
 
-    Exits the process with :data:`EXIT_PREEMPTED` after saving a checkpoint on SIGTERM/SIGUSR1.
+    cfg: RunConfig
+    env: "dist.DistEnv"
+    rank: int
+    world: int
+    engine: object
+    scheduler: object
+    plan: BatchPlan
+    train_rows: PackedRows
+    eval_rows: PackedRows | None
+    hf_config: object
+    tokenizer_dir: Path
+    out: Path
+    ckpt_dir: Path
+    resume_state: dict | None
+    log: RankZeroLog
+    keepalive: object
+
+
+def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | None:
+    """Reads the trainer state of ``latest`` (before the engine exists: a world-size change needs the engine
+    configured for DeepSpeed's universal checkpoint).
+
+    Raises:
+        ConfigError: the checkpoint used another global batch (rows per optimizer step) or another schedule
+            length, so the same global position cannot be continued.
+    """
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
+    if tag is None:
+        return None
+    state = json.loads((ckpt_dir / tag / "itune_state.json").read_text())
+    old = state["config"]["train"]
+    old_rows = old["micro_batch_size"] * old["gradient_accumulation_steps"] * state["world_size"]
+    if old_rows != plan.global_rows_per_step:
+        per_acc = plan.micro_batch_size * plan.world_size
+        hint = (f"set train.gradient_accumulation_steps={old_rows // per_acc}" if old_rows % per_acc == 0
+                else "choose micro_batch_size x gradient_accumulation_steps x ranks equal to it")
+        raise ConfigError(
+            f"{ckpt_dir / tag}: trained with {old_rows} rows per optimizer step ({old['micro_batch_size']} micro x "
+            f"{old['gradient_accumulation_steps']} accumulation x {state['world_size']} ranks); this run has "
+            f"{plan.global_rows_per_step}. To continue it, {hint} (or use another output_dir to start afresh)")
+    if state.get("total_steps", plan.total_steps) != plan.total_steps:
+        raise ConfigError(f"{ckpt_dir / tag}: the run was planned for {state['total_steps']} optimizer steps, this "
+                          f"config gives {plan.total_steps}; the learning-rate schedule would change. Use the same "
+                          "train.epochs / train.max_steps, or another output_dir")
+    state["tag"] = tag
+    return state
+
+
+def setup(cfg: RunConfig) -> Setup:
+    """Distributed init, data, model under ZeRO-3, optimizer, schedule, engine, and (if any) the resume state.
+
+    Raises:
+        ConfigError / ManifestError: before any model is built, for bad configs or mismatched data.
     """
     env = dist.resolve()
     dist.export_for_torch(env)
@@ -167,29 +224,30 @@ def run(cfg: RunConfig, config_path: str | None = None) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                               timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     if cuda:
         torch.cuda.set_device(env.local_rank)
     out = Path(cfg.output_dir)
     log = RankZeroLog(rank, out)
     log.print(dist.startup_line(env))
-    preempt = PreemptionFlag()
 
     # data: verified manifest, memory-mapped rows
     manifest = shards.read_manifest(cfg.data.path)
     tokenizer_dir = Path(cfg.model.pretrained) if cfg.model.pretrained else Path(manifest["tokenizer"]["path"])
     check_data(cfg, manifest, tokenizer_dir)
-    seq_len = manifest["seq_len"]
-    pad_id = manifest["tokenizer"]["pad_id"]
+    seq_len, pad_id = manifest["seq_len"], manifest["tokenizer"]["pad_id"]
     train_rows = PackedRows(shards.open_split(cfg.data.path, cfg.data.train_split), seq_len, pad_id)
+    if len(train_rows) == 0:
+        raise ConfigError(f"{cfg.data.path}: the training split has no rows")
     eval_rows = (PackedRows(shards.open_split(cfg.data.path, cfg.data.eval_split), seq_len, pad_id)
                  if cfg.data.eval_split in manifest["splits"] else None)
     plan = BatchPlan(len(train_rows), seq_len, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
                      world, cfg.train.epochs, cfg.train.max_steps)
-    if len(train_rows) == 0:
-        raise ConfigError(f"{cfg.data.path}: the training split has no rows")
     log.print(plan.describe())
+    ckpt_dir = out / "checkpoints"
+    resume_state = _resume_state(cfg, ckpt_dir, plan)
 
     # model under ZeRO-3: partitioned at construction
     torch.manual_seed(cfg.train.seed)
@@ -198,7 +256,9 @@ def run(cfg: RunConfig, config_path: str | None = None) -> dict:
         setattr(hf_config, k.replace("_id", "_token_id"), manifest["tokenizer"][k])
     bf16 = use_bf16(cfg.model, cuda)
     ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
-    dschf = HfDeepSpeedConfig(ds_config)  # keep alive: transformers builds under zero.Init while it exists
+    if resume_state is not None and resume_state["world_size"] != world:
+        ds_config["checkpoint"] = {"load_universal": True}
+    keepalive = HfDeepSpeedConfig(ds_config)  # transformers builds under zero.Init while this object lives
     model = build_model(cfg, hf_config, bf16)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -206,100 +266,165 @@ def run(cfg: RunConfig, config_path: str | None = None) -> dict:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    local_params = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
-                       for p in engine.module.parameters())
-    log.print(f"model: {n_params:,} parameters ({local_params:,} on rank 0), bf16={bf16}, "
+    local = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
+                for p in engine.module.parameters())
+    log.print(f"model: {n_params:,} parameters ({local:,} held by rank 0), bf16={bf16}, "
               f"attention={cfg.model.attn_implementation}, gradient checkpointing={cfg.model.gradient_checkpointing}")
+    return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
+                 out, ckpt_dir, resume_state, log, keepalive)
 
-    # resume
-    ckpt_dir = out / "checkpoints"
-    start_step = 0
-    if cfg.checkpoint.resume and checkpoint.latest_tag(ckpt_dir):
-        state = checkpoint.load(engine, ckpt_dir)
-        if state["manifest_hash"] != shards.manifest_hash(cfg.data.path):
-            raise ManifestError(f"{ckpt_dir}: checkpoint was trained on other data (manifest hash differs)")
-        start_step = state["global_step"]
-        log.print(f"resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at optimizer step {start_step} "
-                  f"(epoch {state['epoch']}, step in epoch {state['step_in_epoch']})")
 
-    def trainer_state(step: int) -> dict:
-        epoch, s = divmod(step, plan.steps_per_epoch)
-        return {"global_step": step, "epoch": epoch, "step_in_epoch": s, "seed": cfg.train.seed,
-                "world_size": world, "config": to_dict(cfg), "manifest_hash": shards.manifest_hash(cfg.data.path),
-                "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+@dataclass
+class StepResult:
+    loss: float  # sum CE of the step (all ranks) / trained tokens of the step (all ranks)
+    target_tokens: int  # trained tokens of the step, all ranks
+    real_tokens: int  # non-padding tokens of the step, all ranks
 
+
+def train_step(engine, batches: list, world: int, before_optimizer_step=None) -> StepResult:
+    """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step per micro-batch).
+
+    Each micro-batch backpropagates ``sum_CE x accumulation x world / N`` with N the global count of trained
+    tokens of the step, so after DeepSpeed's 1/accumulation scaling and mean over ranks the gradient is that of
+    ``sum CE / N`` over the whole step, whatever the split (see :mod:`itune.loss`).
+
+    Args:
+        batches: this rank's micro-batches (:class:`itune.loader.Batch`), ``gradient_accumulation_steps`` of them.
+        before_optimizer_step: called after the last backward and before the optimizer step (tests read
+            gradients there).
+    """
+    gas = len(batches)
+    global_targets = all_reduce_sum(sum(count_targets(b.labels, b.position_ids) for b in batches))
+    scale = gas * world / max(global_targets, 1.0)
+    loss_sum, real = 0.0, 0
+    for i, b in enumerate(batches):
+        logits = engine(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+        s = sum_cross_entropy(logits, b.labels, b.position_ids)
+        engine.backward(s * scale)
+        if i == gas - 1 and before_optimizer_step is not None:
+            before_optimizer_step()
+        engine.step()
+        loss_sum += float(s.detach())
+        real += b.real_tokens
+    return StepResult(all_reduce_sum(loss_sum) / max(global_targets, 1.0), int(global_targets),
+                      int(all_reduce_sum(real)))
+
+
+def _trainer_state(s: Setup, step: int) -> dict:
+    import deepspeed
+
+    epoch, in_epoch = divmod(step, s.plan.steps_per_epoch)
+    return {"global_step": step, "epoch": epoch, "step_in_epoch": in_epoch, "total_steps": s.plan.total_steps,
+            "seed": s.cfg.train.seed, "world_size": s.world, "config": to_dict(s.cfg),
+            "manifest_hash": shards.manifest_hash(s.cfg.data.path),
+            "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+
+
+def _save(s: Setup, step: int) -> None:
+    checkpoint.save(s.engine, s.ckpt_dir, step, _trainer_state(s, step), s.cfg.checkpoint.keep_last, s.rank)
+
+
+def _resume(s: Setup) -> int:
+    """Loads ``latest`` (converting it to a universal checkpoint first when the world size changed); returns the
+    optimizer step to continue from."""
+    st = s.resume_state
+    if st is None:
+        return 0
+    if st["manifest_hash"] != shards.manifest_hash(s.cfg.data.path):
+        raise ManifestError(f"{s.ckpt_dir}: checkpoint was trained on other data (manifest hash differs); use "
+                            "the same data or another output_dir")
+    tag = st["tag"]
+    if st["world_size"] != s.world:
+        tag = checkpoint.to_universal(s.ckpt_dir, tag, s.rank)
+    checkpoint.load(s.engine, s.ckpt_dir, tag)
+    s.log.print(f"resumed from {s.ckpt_dir / tag} at optimizer step {st['global_step']} (epoch {st['epoch']}, "
+                f"step in epoch {st['step_in_epoch']}; saved with {st['world_size']} ranks, now {s.world})")
+    return st["global_step"]
+
+
+def run(cfg: RunConfig) -> dict:
+    """Trains per ``cfg``; returns a summary (also ``output_dir/train_summary.json``).
+
+    Exits the process with :data:`EXIT_PREEMPTED` after saving a checkpoint on SIGTERM/SIGUSR1.
+    """
+    s = setup(cfg)
+    preempt = PreemptionFlag()
+    engine, plan, log, rank = s.engine, s.plan, s.log, s.rank
+    start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:
-        export_verified(engine, hf_config, tokenizer_dir, out / "export_step0", train_rows, rank)
-    fpt = flops_per_token(hf_config, seq_len)
-    example_lengths = train_rows.table.column("example_lengths")
-    losses_path = out / "losses.jsonl"
-    if rank == 0 and start_step == 0:
-        losses_path.unlink(missing_ok=True)
+        export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export_step0", s.train_rows, rank)
+    fpt = flops_per_token(s.hf_config, plan.seq_len)
+    losses_path = s.out / "losses.jsonl"
+    if rank == 0:
+        keep = [x for x in (losses_path.read_text().splitlines() if losses_path.exists() else [])
+                if json.loads(x)["step"] <= start_step]  # steps after the checkpoint are redone
+        shards.atomic_write_text(losses_path, "".join(x + "\n" for x in keep))
+    # rank 0 only; None hides the bar when the output is not a terminal (logs stay readable)
+    progress = tqdm(total=plan.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=True if rank != 0 or not cfg.train.progress_bar else None)
     for step in range(start_step, plan.total_steps):
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        micro_ids = step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)
-        batches = [train_rows.rows(ids) for ids in micro_ids]
-        local_targets = sum(count_targets(b.labels, b.position_ids) for b in batches)
-        global_targets = all_reduce_sum(local_targets)
-        scale = plan.gradient_accumulation_steps * world / max(global_targets, 1.0)
-        loss_sum = 0.0
-        real_tokens = 0
-        for b in batches:
-            logits = engine(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
-            s = sum_cross_entropy(logits, b.labels, b.position_ids)
-            engine.backward(s * scale)
-            engine.step()
-            loss_sum += float(s.detach())
-            real_tokens += sum(sum(example_lengths[r].as_py()) for r in b.row_ids if r >= 0)
-        loss = all_reduce_sum(loss_sum) / max(global_targets, 1.0)
-        real_tokens = all_reduce_sum(real_tokens)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at optimizer step {step + 1} (rank {rank}); last good "
-                                     f"checkpoint: {checkpoint.latest_tag(ckpt_dir)} in {ckpt_dir}")
-        dt = time.time() - t0
+        batches = [s.train_rows.rows(ids)
+                   for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)]
+        r = train_step(engine, batches, s.world)
         done = step + 1
+        if not math.isfinite(r.loss):
+            raise FloatingPointError(f"non-finite loss {r.loss} at optimizer step {done} (rank {rank}); last good "
+                                     f"checkpoint: {checkpoint.latest_tag(s.ckpt_dir)} in {s.ckpt_dir}")
+        dt = time.time() - t0
         grad_norm = engine.get_global_grad_norm()
-        record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
+        record = {"loss": r.loss, "lr": s.scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "target_tokens": int(global_targets), "real_tokens_per_s": real_tokens / dt,
-                  "padding_fraction": 1 - real_tokens / plan.tokens_per_step, "step_time_s": dt,
-                  "model_flops_per_s": fpt * real_tokens / dt}
+                  "target_tokens": r.target_tokens, "real_tokens_per_s": r.real_tokens / dt,
+                  "padding_fraction": 1 - r.real_tokens / plan.tokens_per_step, "step_time_s": dt,
+                  "model_flops_per_s": fpt * r.real_tokens / dt, "memory_gb": peak_memory_gb()}
+        if cfg.train.peak_flops_per_s:
+            record["mfu"] = record["model_flops_per_s"] / (cfg.train.peak_flops_per_s * s.world)
         if rank == 0:
             with open(losses_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": loss}) + "\n")
+                f.write(json.dumps({"step": done, "loss": r.loss}) + "\n")
+        progress.update(1)
         if done % cfg.train.log_every == 0 or done == plan.total_steps:
             log.scalars(done, record)
-            log.print(f"step {done}/{plan.total_steps} loss {loss:.4f} lr {record['lr']:.3g} "
-                      f"grad_norm {record['grad_norm']:.3f} real tokens/s {record['real_tokens_per_s']:.0f} "
-                      f"({dt:.2f} s)")
-        if eval_rows is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            el, _ = evaluate_loss(engine, eval_rows, rank, world, cfg.train.micro_batch_size)
+            log.print(f"step {done}/{plan.total_steps} loss {r.loss:.4f} lr {record['lr']:.3g} grad_norm "
+                           f"{record['grad_norm']:.3f} real tokens/s {record['real_tokens_per_s']:.0f} ({dt:.2f} s)")
+        if s.eval_rows is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size)
             log.scalars(done, {"loss": el}, kind="heldout")
             log.print(f"step {done} held-out loss {el:.4f}")
         if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < plan.total_steps:
-            checkpoint.save(engine, ckpt_dir, done, trainer_state(done), cfg.checkpoint.keep_last, rank)
+            _save(s, done)
         if preempt.agreed():
-            checkpoint.save(engine, ckpt_dir, done, trainer_state(done), cfg.checkpoint.keep_last, rank)
+            _save(s, done)
             log.print(f"preempted: checkpoint saved at optimizer step {done}; exiting with {EXIT_PREEMPTED}")
             log.close()
             tdist.barrier()
             sys.exit(EXIT_PREEMPTED)
+    progress.close()
 
-    summary = {"steps": plan.total_steps, "world_size": world, "batch": plan.describe(),
+    summary = {"steps": plan.total_steps, "world_size": s.world, "batch": plan.describe(),
                "manifest_hash": shards.manifest_hash(cfg.data.path)}
-    if start_step < plan.total_steps or not checkpoint.latest_tag(ckpt_dir):
-        checkpoint.save(engine, ckpt_dir, plan.total_steps, trainer_state(plan.total_steps),
-                        cfg.checkpoint.keep_last, rank)
-    if eval_rows is not None:
-        summary["heldout_loss"], _ = evaluate_loss(engine, eval_rows, rank, world, cfg.train.micro_batch_size)
+    if start_step < plan.total_steps or checkpoint.latest_tag(s.ckpt_dir) is None:
+        _save(s, plan.total_steps)
+    if s.eval_rows is not None:
+        summary["heldout_loss"], _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size)
         log.scalars(plan.total_steps, {"loss": summary["heldout_loss"]}, kind="heldout")
         log.print(f"held-out loss {summary['heldout_loss']:.4f}")
     if cfg.checkpoint.export:
-        summary["export"] = str(export_verified(engine, hf_config, tokenizer_dir, out / "export", train_rows, rank))
+        summary["export"] = str(export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export",
+                                                s.train_rows, rank))
         log.print(f"export: {summary['export']}")
     if rank == 0:
-        shards.atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+        shards.atomic_write_text(s.out / "train_summary.json", json.dumps(summary, indent=2))
     log.close()
-    del dschf
     return summary
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process in GiB: CUDA max allocated, or the process's max RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

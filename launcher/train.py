@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from itune.train import run
 
     try:
-        run(cfg, args.config)
+        run(cfg)
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""``itune-data prepare``: SuperNI task files -> rendered, masked, packed Arrow shards + manifest.
+"""``itune-data prepare``: SuperNI task files, or instruction files (Alpaca, prompt/completion, chat messages,
+ShareGPT) -> rendered, masked, packed Arrow shards + manifest.
 
-Counts reconcile for every split: ``read = written + sum(rejected.values())``. Rejected instances are also
-written, with their reason, to ``rejects.jsonl``.
+Counts reconcile for every split and every source file: ``read = written + sum(rejected.values())``. Rejected
+records are also written, with their reason and location, to ``rejects.jsonl``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 
 from itune import __version__
 from itune.data import pack, shards
-from itune.data.render import IGNORE_INDEX, render, render_prompt
-from itune.data.sources import read_split_file, read_superni_task, superni_task_path
+from itune.data.render import IGNORE_INDEX, TEMPLATES, TRAIN_ON, render, render_prompt
+from itune.data.sources import FORMATS, read_source, read_split_file, read_superni_task, sniff_format, superni_task_path
 from itune.data.tokenizer import TextTokenizer
-from itune.errors import ConfigError
+from itune.errors import ConfigError, DataFormatError
+
+#: Template used for each input format when none is given.
+DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "completion", "messages": "chat", "sharegpt": "chat"}
 
 
 @dataclass
@@ -38,6 +42,7 @@ class PrepareOptions:
         overflow: over-long example policy, see :func:`itune.data.render.render`.
         seed: shuffle seed (rows are shuffled after packing).
         max_rows_per_shard: rows per Arrow file.
+        pack: best-fit-decreasing packing; False writes one example per row (for comparison).
     """
 
     superni_dir: Path
@@ -54,6 +59,7 @@ class PrepareOptions:
     seed: int = 0
     max_rows_per_shard: int = 4096
     overwrite: bool = False
+    pack: bool = True
 
 
 def _split_file(opts: PrepareOptions, given: Path | None, name: str) -> Path:
@@ -94,9 +100,9 @@ def _prepare_split(split, task_names, opts, tok, cap, rejects, eval_cap=None):
     return read, rejected, rendered, examples, eval_records, files
 
 
-def _pack_columns(rendered, examples, seq_len, pad_id, seed):
+def _pack_columns(rendered, examples, seq_len, pad_id, seed, packed=True):
     lengths = [len(r.input_ids) for r in rendered]
-    rows = pack.best_fit_decreasing(lengths, seq_len)
+    rows = pack.best_fit_decreasing(lengths, seq_len) if packed else [[i] for i in range(len(lengths))]
     random.Random(seed).shuffle(rows)  # row order after packing; the trainer reshuffles per epoch
     cols = {k: [] for k in shards.SCHEMA.names}
     for row in rows:
@@ -111,6 +117,32 @@ def _pack_columns(rendered, examples, seq_len, pad_id, seed):
         cols["position_ids"].append(pack.position_ids_for(cols["example_lengths"][-1], seq_len))
         cols["example_ids"].append([examples[i].id for i in row])
     return cols, lengths
+
+
+def _write_split(out_dir, split, tasks, read, rejected, rendered, examples, seq_len, pad_id, seed, packed,
+                 max_rows_per_shard) -> dict:
+    """Packs (or not), writes the shards of one split and returns its manifest entry."""
+    cols, lengths = _pack_columns(rendered, examples, seq_len, pad_id, seed, packed)
+    shard_list = shards.write_shards(out_dir, split, cols, max_rows_per_shard)
+    rows = len(cols["input_ids"])
+    tokens = sum(lengths)
+    return {
+        "tasks": tasks,
+        "counts": {"read": read, "written": len(rendered), "rejected": {k: rejected[k] for k in sorted(rejected)}},
+        "examples_per_task": dict(sorted(Counter(e.task for e in examples).items())),
+        "rows": rows,
+        "tokens": tokens,
+        "trainable_tokens": sum(r.num_trainable for r in rendered),
+        "padding_tokens": rows * seq_len - tokens,
+        "packing_efficiency": round(tokens / (rows * seq_len), 6) if rows else 0.0,
+        "max_example_tokens": max(lengths, default=0),
+        "shards": shard_list,
+    }
+
+
+def _tokenizer_info(path, tok) -> dict:
+    return {"path": str(path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
 
 
 def prepare_superni(opts: PrepareOptions) -> dict:
@@ -143,24 +175,8 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         read, rejected, rendered, examples, eval_records, f = _prepare_split(split, names, opts, tok, cap,
                                                                              rejects, eval_cap)
         files.update(f)
-        cols, lengths = _pack_columns(rendered, examples, opts.seq_len, tok.pad_id, opts.seed)
-        shard_list = shards.write_shards(opts.out_dir, split, cols, opts.max_rows_per_shard)
-        rows = len(cols["input_ids"])
-        tokens = sum(lengths)
-        trainable = sum(r.num_trainable for r in rendered)
-        info = {
-            "tasks": names,
-            "counts": {"read": read, "written": len(rendered),
-                       "rejected": {k: rejected[k] for k in sorted(rejected)}},
-            "examples_per_task": dict(sorted(Counter(e.task for e in examples).items())),
-            "rows": rows,
-            "tokens": tokens,
-            "trainable_tokens": trainable,
-            "padding_tokens": rows * opts.seq_len - tokens,
-            "packing_efficiency": round(tokens / (rows * opts.seq_len), 6) if rows else 0.0,
-            "max_example_tokens": max(lengths, default=0),
-            "shards": shard_list,
-        }
+        info = _write_split(opts.out_dir, split, names, read, rejected, rendered, examples, opts.seq_len,
+                            tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
         if eval_cap is not None:
             eval_name = f"{split}_eval.jsonl"
             shards.atomic_write_text(opts.out_dir / eval_name,
@@ -176,15 +192,173 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         "source": {"kind": "superni", "path": str(opts.superni_dir), "num_pos_examples": opts.num_pos_examples,
                    "add_definition": opts.add_definition, "max_instances_per_task": opts.max_instances_per_task},
         "source_files": files,
-        "tokenizer": {"path": str(opts.tokenizer), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
         "template": "completion",
         "prompt_format": "tk_instruct",
+        "packing": "best_fit_decreasing" if opts.pack else "none",
         "overflow": opts.overflow,
         "seq_len": opts.seq_len,
         "seed": opts.seed,
         "heldout_tasks": test_tasks,
         "splits": splits,
+        "seconds": round(time.time() - t0, 3),
+    }
+    shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass
+class SourcesOptions:
+    """Options of one preparation run over instruction files (split ``train`` only, no eval file).
+
+    Attributes:
+        inputs: JSON array / JSONL / Parquet / Arrow files (see :func:`itune.data.sources.iter_records`).
+        tokenizer: tokenizer directory (``tokenizer.json`` + config).
+        out_dir: output directory (created; must not hold a manifest unless ``overwrite``).
+        seq_len: tokens per row.
+        format: ``auto`` (detected per file from its first record's keys) or one of
+            :data:`~itune.data.sources.FORMATS`, for every input.
+        template: one of :data:`~itune.data.render.TEMPLATES` for every input; None = per format
+            (:data:`DEFAULT_TEMPLATE`: alpaca -> ``alpaca``, prompt_completion -> ``completion``, messages and
+            sharegpt -> ``chat``).
+        fields: canonical field name -> key in the files (``{"prompt": "question"}``).
+        train_on: ``all`` assistant turns or only the ``last`` one.
+        on_error: ``raise`` stops at the first bad record (DataFormatError naming file and line); ``skip`` counts
+            it under its reason and writes it to ``rejects.jsonl``.
+        max_bad_fraction: with ``skip``, fail when more than this fraction of the records read are bad
+            (rejected by a reader; over-long examples are not "bad"). None = no limit.
+        overflow / seed / max_rows_per_shard / pack / overwrite: as :class:`PrepareOptions`.
+    """
+
+    inputs: list
+    tokenizer: Path
+    out_dir: Path
+    seq_len: int = 1024
+    format: str = "auto"
+    template: str | None = None
+    fields: dict = None
+    train_on: str = "all"
+    on_error: str = "raise"
+    max_bad_fraction: float | None = None
+    overflow: str = "truncate_prompt_left"
+    seed: int = 0
+    max_rows_per_shard: int = 4096
+    pack: bool = True
+    overwrite: bool = False
+
+
+def _check_sources_options(opts: SourcesOptions) -> None:
+    problems = []
+    if not opts.inputs:
+        problems.append("no input file given (--input FILE)")
+    if opts.seq_len < 16:
+        problems.append(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
+    if opts.format != "auto" and opts.format not in FORMATS:
+        problems.append(f"format {opts.format!r}: choose auto or one of {FORMATS}")
+    if opts.template is not None and opts.template not in TEMPLATES:
+        problems.append(f"template {opts.template!r}: choose one of {TEMPLATES}")
+    if opts.train_on not in TRAIN_ON:
+        problems.append(f"train_on {opts.train_on!r}: choose one of {TRAIN_ON}")
+    if opts.on_error not in ("raise", "skip"):
+        problems.append(f"on_error {opts.on_error!r}: choose raise or skip")
+    if opts.max_bad_fraction is not None and not 0 <= opts.max_bad_fraction <= 1:
+        problems.append(f"max_bad_fraction {opts.max_bad_fraction}: must be in [0, 1]")
+    if opts.max_bad_fraction is not None and opts.on_error != "skip":
+        problems.append("max_bad_fraction applies with on_error='skip' only")
+    for p in opts.inputs:
+        if not Path(p).is_file():
+            problems.append(f"{p}: input file not found")
+    if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
+        problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def prepare_sources(opts: SourcesOptions) -> dict:
+    """Reads every input, renders, masks, packs and shards them as split ``train``; returns the manifest.
+
+    The manifest has the keys of :func:`prepare_superni` (``heldout_tasks`` empty, no eval file) plus
+    ``sources``: per input file its path, sha256, format, template and counts (read = written + rejected).
+
+    Raises:
+        ConfigError: bad options, a missing input, an output directory that already holds prepared data, or the
+            tokenizer template requested for a tokenizer without one.
+        DataFormatError: a file that cannot be read or whose format cannot be detected; with ``on_error="raise"``
+            the first bad record (file and line); with ``skip``, more bad records than ``max_bad_fraction``.
+    """
+    t0 = time.time()
+    opts.inputs = [Path(p) for p in opts.inputs]
+    opts.out_dir, opts.tokenizer = Path(opts.out_dir), Path(opts.tokenizer)
+    opts.fields = dict(opts.fields or {})
+    _check_sources_options(opts)
+    tok = TextTokenizer.load(opts.tokenizer)
+    plan = []
+    for path in opts.inputs:  # every file's format is known (or refused) before any work
+        fmt = sniff_format(path, opts.fields) if opts.format == "auto" else opts.format
+        template = opts.template or DEFAULT_TEMPLATE[fmt]
+        if template == "tokenizer" and not tok.chat_template:
+            raise ConfigError(f"{opts.tokenizer}: --template tokenizer, but the tokenizer has no chat template")
+        plan.append((path, fmt, template))
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
+    rejects: list[dict] = []
+    rendered, examples, sources = [], [], []
+    read = bad = 0
+    rejected: Counter = Counter()
+    for path, fmt, template in plan:
+        s_read, s_rejected, s_written = 0, Counter(), 0
+        for ex, err, loc in read_source(path, fmt, opts.fields):
+            s_read += 1
+            if err is not None:
+                if opts.on_error == "raise":
+                    raise DataFormatError(f"{err} (pass --on-error skip to count and skip bad records)") from err
+                bad += 1
+                reason, message = err.reason, err.detail
+            else:
+                r, reason = render(ex, tok, opts.seq_len, template, opts.overflow, opts.train_on)
+                message = None
+            if reason is not None:
+                s_rejected[reason] += 1
+                rejects.append({"split": "train", "source": str(path), "record": loc,
+                                "id": ex.id if ex is not None else None, "reason": reason,
+                                **({"message": message} if message else {})})
+                continue
+            s_written += 1
+            rendered.append(r)
+            examples.append(ex)
+        if s_read == 0:
+            raise DataFormatError(f"{path}: no record found (an empty file?)")
+        read += s_read
+        rejected.update(s_rejected)
+        sources.append({"path": str(path), "sha256": shards.sha256_file(path), "name": path.stem, "format": fmt,
+                        "template": template,
+                        "counts": {"read": s_read, "written": s_written,
+                                   "rejected": {k: s_rejected[k] for k in sorted(s_rejected)}}})
+    shards.atomic_write_text(opts.out_dir / "rejects.jsonl",
+                             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    if opts.max_bad_fraction is not None and bad > opts.max_bad_fraction * read:
+        raise DataFormatError(
+            f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {opts.max_bad_fraction}; "
+            f"reasons {dict(rejected)}; every one is listed in {opts.out_dir / 'rejects.jsonl'}")
+    tasks = list(dict.fromkeys(p.stem for p in opts.inputs))
+    info = _write_split(opts.out_dir, "train", tasks, read, rejected, rendered, examples, opts.seq_len,
+                        tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
+    templates = sorted({t for _, _, t in plan})
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "created_by": f"itune {__version__}",
+        "source": {"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
+                   "on_error": opts.on_error, "max_bad_fraction": opts.max_bad_fraction},
+        "source_files": {s["path"]: s["sha256"] for s in sources},
+        "sources": sources,
+        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
+        "template": templates[0] if len(templates) == 1 else "per_source",
+        "packing": "best_fit_decreasing" if opts.pack else "none",
+        "overflow": opts.overflow,
+        "seq_len": opts.seq_len,
+        "seed": opts.seed,
+        "heldout_tasks": [],
+        "splits": {"train": info},
         "seconds": round(time.time() - t0, 3),
     }
     shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")

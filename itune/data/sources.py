@@ -36,6 +36,7 @@ class Example:
         category: task category (SuperNI ``Categories[0]``), used for per-category scores.
         references: every accepted answer (SuperNI ``output`` list); the first one is the training target.
         source: the file the example came from.
+        extra: format-specific parts a template may use (Alpaca: ``instruction`` and ``input``).
     """
 
     id: str
@@ -44,6 +45,7 @@ class Example:
     category: str = ""
     references: list[str] = field(default_factory=list)
     source: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 def read_split_file(path: str | Path) -> list[str]:
@@ -184,3 +186,387 @@ def superni_task_path(tasks_dir: Path, name: str) -> Path:
     if not p.is_file():
         raise DataFormatError(f"{p}: task {name!r} is listed in the split file but has no task file")
     return p
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Instruction files: Alpaca, prompt/completion, chat messages, ShareGPT; JSON array, JSONL, Parquet, Arrow.
+# --------------------------------------------------------------------------------------------------------------
+
+FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
+
+#: Keys that identify each format in the first record (after ``fields`` mapping), in detection order.
+FORMAT_KEYS = {
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+#: Field names a ``fields`` mapping may rename (canonical name -> key in the file). ``role``/``content`` and
+#: ``from``/``value`` are the keys inside each turn of ``messages`` / ``conversations``.
+CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages", "conversations", "system",
+                    "id", "role", "content", "from", "value")
+
+#: Speaker names found in chat and ShareGPT files, mapped to the three roles (lower-cased before lookup).
+ROLE_ALIASES = {
+    "system": "system", "developer": "system",
+    "user": "user", "human": "user", "prompter": "user", "question": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "model": "assistant", "bot": "assistant", "ai": "assistant", "claude": "assistant", "llm": "assistant",
+    "answer": "assistant",
+}
+
+#: Alpaca ``input`` values that mean "no input" (upstream Self-Instruct/Alpaca generations write ``<noinput>``).
+NO_INPUT = ("", "<noinput>", "<no input>")
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
+
+
+class RecordError(DataFormatError):
+    """One record cannot be used. ``reason`` is the short name it is counted under, ``location`` the file and
+    line (``path:LINE``, 1-based, for JSONL) or record index (``path: record I``, 0-based, for JSON arrays,
+    Parquet and Arrow).
+
+    Reasons: ``invalid_json``, ``invalid_utf8``, ``wrong_type``, ``missing_field``, ``unknown_role``,
+    ``empty_assistant``, ``empty_instruction``, ``no_assistant_turn``.
+    """
+
+    def __init__(self, reason: str, location: str, detail: str):
+        self.reason = reason
+        self.location = location
+        self.detail = detail
+        super().__init__(f"{location}: {detail}")
+
+
+def _format_help() -> str:
+    return "; ".join(f"{f} ({' + '.join(k)})" for f, k in FORMAT_KEYS.items())
+
+
+def parse_field_mapping(items: list[str] | dict | None) -> dict[str, str]:
+    """Parses ``["prompt=question", ...]`` (canonical name = key in the file) into a dict.
+
+    Raises:
+        DataFormatError: an item without ``=`` or a canonical name that no format uses.
+    """
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, dict) else []
+    if not isinstance(items, dict):
+        pairs = []
+        for it in items:
+            name, sep, key = str(it).partition("=")
+            if not sep or not name.strip() or not key.strip():
+                raise DataFormatError(f"--field {it!r}: write NAME=KEY, e.g. --field prompt=question")
+            pairs.append((name.strip(), key.strip()))
+    out = {}
+    for name, key in pairs:
+        if name not in CANONICAL_FIELDS:
+            raise DataFormatError(f"--field {name}={key}: unknown field name {name!r}; "
+                                  f"mappable names are {', '.join(CANONICAL_FIELDS)}")
+        out[name] = key
+    return out
+
+
+def detect_format(record: dict, path: str | Path, fields: dict[str, str] | None = None) -> str:
+    """Names the format of ``record`` (the first record of ``path``) from its keys.
+
+    Raises:
+        DataFormatError: no format matches; the message names the file, the keys found and the accepted formats.
+    """
+    fields = fields or {}
+    for fmt, keys in FORMAT_KEYS.items():
+        if all(fields.get(k, k) in record for k in keys):
+            return fmt
+    mapped = f" (field mapping {fields})" if fields else ""
+    raise DataFormatError(
+        f"{path}: cannot tell the format from the first record's keys {sorted(record)}{mapped}. Accepted formats "
+        f"(required keys): {_format_help()}. Rename keys with --field NAME=KEY (e.g. --field prompt=question "
+        "--field completion=answer) or pass --format."
+    )
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _iter_json_records(path: Path):
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix.lower() not in JSONL_SUFFIXES and head.startswith(b"["):
+        # a JSON array: decoding errors become lone surrogates, reported per record below
+        text = path.read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from e
+        if not isinstance(data, list):
+            raise DataFormatError(f"{path}: a JSON file must hold an array of records, found {type(data).__name__}")
+        for i, rec in enumerate(data):
+            yield f"{path}: record {i}", rec
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            loc = f"{path}:{lineno}"
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, RecordError("invalid_utf8", loc, f"not valid UTF-8 at byte {e.start} of the line; "
+                                                            "re-encode the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield loc, RecordError("invalid_json", loc, f"not valid JSON ({e.msg} at column {e.colno}); a JSONL "
+                                                            "file holds one JSON object per line")
+                continue
+            yield loc, rec
+
+
+def _iter_arrow_records(path: Path):
+    import pyarrow as pa
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=1024)
+        else:
+            src = pa.memory_map(str(path), "r")
+            try:
+                reader = pa.ipc.open_file(src)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                src.seek(0)
+                batches = iter(pa.ipc.open_stream(src))
+        i = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                yield f"{path}: record {i}", rec
+                i += 1
+    except (OSError, pa.ArrowException) as e:
+        raise DataFormatError(f"{path}: cannot read as {'Parquet' if suffix in PARQUET_SUFFIXES else 'Arrow IPC'} "
+                              f"({e})") from e
+
+
+def iter_records(path: str | Path):
+    """Yields ``(location, record)`` for every record of a JSON array, JSONL, Parquet or Arrow (IPC file or
+    stream) file; ``record`` is a :class:`RecordError` for a line that is not valid UTF-8 or JSON.
+
+    Files ending in ``.jsonl``/``.ndjson`` are JSONL; other JSON files are an array when their first character is
+    ``[``, else JSONL. Blank JSONL lines are not records.
+
+    Raises:
+        DataFormatError: the file is missing or unreadable as a whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: input file not found")
+    if path.suffix.lower() in PARQUET_SUFFIXES + ARROW_SUFFIXES:
+        yield from _iter_arrow_records(path)
+    else:
+        yield from _iter_json_records(path)
+
+
+class _Rec:
+    """Field access on one record through the field mapping, raising :class:`RecordError`."""
+
+    def __init__(self, rec, loc: str, fields: dict[str, str]):
+        self.rec, self.loc, self.fields = rec, loc, fields
+
+    def err(self, reason: str, detail: str) -> RecordError:
+        return RecordError(reason, self.loc, detail)
+
+    def key(self, name: str) -> str:
+        return self.fields.get(name, name)
+
+    def _label(self, name: str) -> str:
+        k = self.key(name)
+        return repr(k) if k == name else f"{k!r} (mapped to {name!r})"
+
+    def text(self, obj: dict, name: str, required: bool = True, default: str = "", where: str = "") -> str:
+        k = self.key(name)
+        if k not in obj or obj[k] is None:
+            if required:
+                raise self.err("missing_field", f"missing field {self._label(name)}{where}; "
+                                                f"keys present: {sorted(obj)}")
+            return default
+        v = obj[k]
+        if not isinstance(v, str):
+            raise self.err("wrong_type", f"field {self._label(name)}{where} must be a string, "
+                                         f"found {type(v).__name__} {_short(v)}")
+        if not _encodable(v):
+            raise self.err("invalid_utf8", f"field {self._label(name)}{where} is not valid UTF-8 "
+                                           "(undecodable bytes or a lone surrogate escape)")
+        return v
+
+
+def _short(v, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def _content_text(r: _Rec, turn: dict, name: str, where: str) -> str:
+    """A turn's text; OpenAI-style content part lists ``[{"type": "text", "text": ...}]`` are joined."""
+    k = r.key(name)
+    v = turn.get(k)
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                   for p in v):
+        turn = {k: "".join(p["text"] for p in v)}
+    return r.text(turn, name, where=where)
+
+
+def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
+                  alt_keys: tuple[str, str] | None = None) -> list[Message]:
+    if not isinstance(turns, list):
+        raise r.err("wrong_type", f"field {r._label(list_name)} must be a list of turns, "
+                                  f"found {type(turns).__name__} {_short(turns)}")
+    messages = []
+    for j, turn in enumerate(turns):
+        where = f" in {r.key(list_name)}[{j}]"
+        if not isinstance(turn, dict):
+            raise r.err("wrong_type", f"turn{where} must be an object, found {type(turn).__name__} {_short(turn)}")
+        rk, tk = role_key, text_key
+        if alt_keys and r.key(role_key) not in turn and r.key(alt_keys[0]) in turn:
+            rk, tk = alt_keys
+        speaker = r.text(turn, rk, where=where)
+        role = ROLE_ALIASES.get(speaker.strip().lower())
+        if role is None:
+            raise r.err("unknown_role", f"unknown role {speaker!r}{where}; accepted: "
+                                        f"{', '.join(sorted(ROLE_ALIASES))}")
+        content = _content_text(r, turn, tk, where)
+        if role == "assistant" and not content.strip():
+            raise r.err("empty_assistant", f"empty assistant turn{where}: nothing to train on")
+        messages.append(Message(role, content))
+    roles = [m.role for m in messages]
+    while messages and messages[-1].role != "assistant":
+        messages.pop()  # trailing user/system turns have no response to train on
+    if not messages:
+        raise r.err("no_assistant_turn", f"no assistant turn in {r.key(list_name)} (roles: {roles})")
+    return messages
+
+
+def _system(r: _Rec) -> list[Message]:
+    s = r.text(r.rec, "system", required=False)
+    return [Message("system", s)] if s.strip() else []
+
+
+def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None) -> Example:
+    """Turns one record of format ``fmt`` into an :class:`Example`.
+
+    - ``alpaca``: ``instruction``, optional ``input`` (``""`` and ``"<noinput>"`` mean none), ``output``; the user
+      message is ``instruction`` + ``"\\n\\n"`` + ``input``; both parts are kept in ``Example.extra`` for the
+      ``alpaca`` template.
+    - ``prompt_completion``: ``prompt`` (user), ``completion`` (assistant).
+    - ``messages``: ``[{"role", "content"}, ...]`` (OpenAI chat), roles system/user/assistant or an alias.
+    - ``sharegpt``: ``[{"from", "value"}, ...]``, speakers human/gpt/system or an alias (:data:`ROLE_ALIASES`).
+
+    ``system`` (a top-level string) is prepended as a system message. Trailing turns after the last assistant
+    turn are dropped. The example id is the record's ``id`` when present, else ``<file name>:<line or index>``.
+
+    Raises:
+        RecordError: with its reason (see :class:`RecordError`) and location.
+    """
+    fields = fields or {}
+    r = _Rec(rec, loc, fields)
+    if not isinstance(rec, dict):
+        raise r.err("wrong_type", f"a record must be a JSON object, found {type(rec).__name__} {_short(rec)}")
+    extra: dict = {}
+    if fmt == "alpaca":
+        instruction = r.text(rec, "instruction")
+        inp = r.text(rec, "input", required=False)
+        output = r.text(rec, "output")
+        if not instruction.strip():
+            raise r.err("empty_instruction", f"empty {r._label('instruction')}")
+        if not output.strip():
+            raise r.err("empty_assistant", f"empty {r._label('output')}: nothing to train on")
+        instruction, inp = instruction.strip(), inp.strip()
+        if inp.lower() in NO_INPUT:
+            inp = ""
+        extra = {"instruction": instruction, "input": inp}
+        user = instruction + ("\n\n" + inp if inp else "")
+        messages = _system(r) + [Message("user", user), Message("assistant", output)]
+    elif fmt == "prompt_completion":
+        prompt = r.text(rec, "prompt")
+        completion = r.text(rec, "completion")
+        if not completion.strip():
+            raise r.err("empty_assistant", f"empty {r._label('completion')}: nothing to train on")
+        messages = _system(r) + [Message("user", prompt), Message("assistant", completion)]
+    elif fmt == "messages":
+        if r.key("messages") not in rec:
+            raise r.err("missing_field", f"missing field {r._label('messages')}; keys present: {sorted(rec)}")
+        messages = _conversation(r, rec[r.key("messages")], "messages", "role", "content")
+        if messages[0].role != "system":
+            messages = _system(r) + messages
+    elif fmt == "sharegpt":
+        if r.key("conversations") not in rec:
+            raise r.err("missing_field", f"missing field {r._label('conversations')}; keys present: {sorted(rec)}")
+        messages = _conversation(r, rec[r.key("conversations")], "conversations", "from", "value",
+                                 alt_keys=("role", "content"))
+        if messages[0].role != "system":
+            messages = _system(r) + messages
+    else:
+        raise DataFormatError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    rid = rec.get(r.key("id"))
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
+        eid = str(rid)
+    else:
+        eid = f"{Path(source).name}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
+    last = next(m.content for m in reversed(messages) if m.role == "assistant")
+    return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra)
+
+
+def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None, name: str | None = None):
+    """Yields ``(Example | None, RecordError | None, location)`` for every record of one instruction file.
+
+    Args:
+        path: JSON array, JSONL, Parquet or Arrow file (see :func:`iter_records`).
+        fmt: one of :data:`FORMATS`, or ``"auto"`` to detect it from the first record's keys.
+        fields: canonical field name -> key in the file (see :data:`CANONICAL_FIELDS`).
+        name: task name of the examples (default: the file's stem).
+
+    Raises:
+        DataFormatError: the file is unreadable as a whole, or ``auto`` cannot tell its format (the message shows
+            the keys found and the accepted formats). Bad records are yielded, not raised.
+    """
+    path = Path(path)
+    fields = fields or {}
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataFormatError(f"unknown format {fmt!r}; choose auto or one of {FORMATS}")
+    name = name or path.stem
+    for loc, rec in iter_records(path):
+        if isinstance(rec, RecordError):
+            yield None, rec, loc
+            continue
+        if fmt == "auto" and isinstance(rec, dict):
+            fmt = detect_format(rec, path, fields)
+        if fmt == "auto":  # records before the first object cannot be parsed: they are of the wrong type
+            yield None, RecordError("wrong_type", loc, f"a record must be a JSON object, found "
+                                                       f"{type(rec).__name__} {_short(rec)}"), loc
+            continue
+        try:
+            yield parse_record(rec, fmt, loc, name, str(path), fields), None, loc
+        except RecordError as e:
+            yield None, e, loc
+
+
+def sniff_format(path: str | Path, fields: dict[str, str] | None = None) -> str:
+    """The format ``auto`` detection picks for ``path`` (from its first JSON object).
+
+    Raises:
+        DataFormatError: as :func:`detect_format`, or the file holds no object at all.
+    """
+    for _, rec in iter_records(path):
+        if isinstance(rec, dict):
+            return detect_format(rec, path, fields)
+    raise DataFormatError(f"{path}: no record found (an empty file, or no line holds a JSON object)")

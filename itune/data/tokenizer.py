@@ -24,6 +24,19 @@ def _special_token(value) -> str | None:
     return str(value)
 
 
+def _chat_template(path: Path, cfg: dict) -> str | None:
+    """The chat template: ``tokenizer_config.json`` ``chat_template`` (a string, or a list of named templates
+    of which ``default`` is taken), else ``chat_template.jinja`` beside it."""
+    t = cfg.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    if isinstance(t, str) and t:
+        return t
+    p = path / "chat_template.jinja"
+    return p.read_text(encoding="utf-8") if p.is_file() else None
+
+
 @dataclass
 class TextTokenizer:
     """A fast tokenizer plus its special token ids.
@@ -42,6 +55,14 @@ class TextTokenizer:
     pad_id: int
     fingerprint: str
     _tok: object
+    chat_template: str | None = None
+    special_tokens: dict = None  # {"bos_token": "<s>", "eos_token": "</s>", ...}: the texts a chat template sees
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """Texts of the special added tokens (``</s>``, ``[INST]``, ``<|im_end|>``...), longest first."""
+        dec = self._tok.get_added_tokens_decoder()
+        return tuple(sorted({t.content for t in dec.values() if t.special and t.content}, key=lambda x: -len(x)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
@@ -79,7 +100,9 @@ class TextTokenizer:
         pad_id = tok.token_to_id(pad) if pad and tok.token_to_id(pad) is not None else eos_id
         h = hashlib.sha256(tj.read_bytes())
         h.update(json.dumps([bos_id, eos_id, pad_id]).encode())
-        return cls(path, bos_id, eos_id, pad_id, h.hexdigest()[:16], tok)
+        specials = {k: _special_token(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return cls(path, bos_id, eos_id, pad_id, h.hexdigest()[:16], tok, _chat_template(path, cfg),
+                   {k: v for k, v in specials.items() if v is not None})
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,46 @@
+"""Runs the first optimizer step of a run config and saves the loss and the full (gathered) gradients.
+
+    deepspeed --num_gpus 2 tests/scripts/grad_split.py OUT.pt --config C.yaml [overrides]
+
+Used by tests/test_loss_normalisation.py: the loss and gradients must not depend on how the step's rows are split
+into ranks and micro-batches.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def main():
+    import argparse
+
+    import torch
+    from deepspeed.utils import safe_get_full_grad
+
+    from itune.config import load_config
+    from itune.loader import step_row_ids
+    from itune.train import setup, train_step
+
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--config")
+    p.add_argument("--local_rank", type=int)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_intermixed_args()
+    s = setup(load_config(a.config, a.overrides))
+    grads = {}
+
+    def grab():  # every rank must take part in the gathers
+        for name, param in s.engine.module.named_parameters():
+            g = safe_get_full_grad(param)
+            grads[name] = g.detach().clone().cpu()
+
+    batches = [s.train_rows.rows(ids) for ids in step_row_ids(s.plan, s.cfg.train.seed, 0, 0, s.rank)]
+    r = train_step(s.engine, batches, s.world, before_optimizer_step=grab)
+    if s.rank == 0:
+        torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "grads": grads}, a.out)
+
+
+if __name__ == "__main__":
+    main()
