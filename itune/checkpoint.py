@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -38,10 +39,11 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int, rank: i
         tmp = Path(ckpt_dir) / ".latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, Path(ckpt_dir) / "latest")
-        tags = sorted((p for p in Path(ckpt_dir).glob("global_step*") if p.is_dir()),
-                      key=lambda p: int(p.name[len("global_step"):]))
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        steps = sorted(int(m.group(1)) for p in Path(ckpt_dir).iterdir()
+                       if p.is_dir() and (m := re.fullmatch(r"global_step(\d+)", p.name)))
+        for old in steps[:-keep_last]:
+            for d in (f"global_step{old}", f"global_step{old}_universal"):
+                shutil.rmtree(Path(ckpt_dir) / d, ignore_errors=True)
     tdist.barrier()
     return tag
 

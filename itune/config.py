@@ -98,6 +98,10 @@ class TrainConfig:
             H100/H200 SXM); 0 disables MFU.
         collective_timeout_s: timeout of a collective before the process group fails (a dead peer).
         progress_bar: tqdm bar with ETA on rank 0.
+        generate_every: optimizer steps between held-out generation + official scores (0 = never during
+            training); results in ``output_dir/eval/step{N}/`` and TensorBoard.
+        generate_max_instances: instances per held-out task for those evaluations.
+        generate_max_new_tokens: generation length for those evaluations.
     """
 
     micro_batch_size: int = 1
@@ -110,6 +114,9 @@ class TrainConfig:
     peak_flops_per_s: float = 0.0
     collective_timeout_s: int = 1800
     progress_bar: bool = True
+    generate_every: int = 0
+    generate_max_instances: int = 5
+    generate_max_new_tokens: int = 32
 
 
 @dataclass

@@ -132,9 +132,21 @@ def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2) -> float:
                                                                                                b.position_ids))
 
 
-def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, rows: PackedRows, rank: int) -> Path:
+def training_record(s: "Setup", step: int) -> dict:
+    """What an export was trained on (``itune_training.json``): evaluation uses it to refuse contaminated
+    held-out tasks and to measure n-gram overlap with the training rows."""
+    m = shards.read_manifest(s.cfg.data.path)
+    return {"step": step, "data_path": str(Path(s.cfg.data.path).resolve()), "train_split": s.cfg.data.train_split,
+            "manifest_hash": shards.manifest_hash(s.cfg.data.path),
+            "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
+            "train_tasks": m["splits"][s.cfg.data.train_split]["tasks"]}
+
+
+def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, rows: PackedRows, rank: int,
+                    record: dict | None = None) -> Path:
     """Gathers the weights (every rank), writes the HF export (rank 0), reloads it with ``from_pretrained`` and
-    checks that its loss on a fixed batch equals the engine's (|diff| <= 1e-4); writes ``export_check.json``.
+    checks that its loss on a fixed batch equals the engine's (|diff| <= 1e-4); writes ``export_check.json`` and
+    ``itune_training.json`` (``record``).
 
     Raises:
         RuntimeError: an empty or misshapen tensor, or a loss mismatch.
@@ -151,6 +163,8 @@ def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, ro
         check = {"engine_loss": engine_loss, "export_loss": export_loss, "rows": [0, 1],
                  "abs_diff": abs(engine_loss - export_loss)}
         (export_dir / "export_check.json").write_text(json.dumps(check, indent=2))
+        if record is not None:
+            (export_dir / "itune_training.json").write_text(json.dumps(record, indent=2))
         if check["abs_diff"] > 1e-4:
             raise RuntimeError(f"export {export_dir} does not reproduce the engine: {check}")
     engine.train()
@@ -310,6 +324,22 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None) ->
                       int(all_reduce_sum(real)))
 
 
+def generate_and_score(s: Setup, step: int) -> dict:
+    """Held-out generation on a subset (``train.generate_max_instances`` per task) with the engine's model,
+    scored with the official protocol; results in ``output_dir/eval/step{step}/`` and TensorBoard."""
+    from itune.eval.run import evaluate
+
+    res = evaluate(s.engine.module, s.cfg.data.path, s.out / "eval" / f"step{step}", split=s.cfg.data.eval_split,
+                   max_instances=s.cfg.train.generate_max_instances,
+                   max_new_tokens=s.cfg.train.generate_max_new_tokens,
+                   synced_gpus=s.engine.zero_optimization_partition_weights(), model_name=str(s.out), step=step,
+                   training=training_record(s, step))["results"]
+    s.engine.train()
+    s.log.scalars(step, {"rougeL": res["rougeL_default_track"], "exact_match": res["exact_match_default_track"]},
+                  kind="heldout_generation")
+    return res
+
+
 def _trainer_state(s: Setup, step: int) -> dict:
     import deepspeed
 
@@ -352,7 +382,8 @@ def run(cfg: RunConfig) -> dict:
     engine, plan, log, rank = s.engine, s.plan, s.log, s.rank
     start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:
-        export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export_step0", s.train_rows, rank)
+        export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export_step0", s.train_rows, rank,
+                        training_record(s, 0))
     fpt = flops_per_token(s.hf_config, plan.seq_len)
     losses_path = s.out / "losses.jsonl"
     if rank == 0:
@@ -393,6 +424,10 @@ def run(cfg: RunConfig) -> dict:
             el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size)
             log.scalars(done, {"loss": el}, kind="heldout")
             log.print(f"step {done} held-out loss {el:.4f}")
+        if s.eval_rows is not None and cfg.train.generate_every and done % cfg.train.generate_every == 0:
+            res = generate_and_score(s, done)
+            log.print(f"step {done} held-out generation: ROUGE-L {res['rougeL_default_track']:.4f} "
+                      f"EM {res['exact_match_default_track']:.4f}")
         if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < plan.total_steps:
             _save(s, done)
         if preempt.agreed():
@@ -413,7 +448,7 @@ def run(cfg: RunConfig) -> dict:
         log.print(f"held-out loss {summary['heldout_loss']:.4f}")
     if cfg.checkpoint.export:
         summary["export"] = str(export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export",
-                                                s.train_rows, rank))
+                                                s.train_rows, rank, training_record(s, plan.total_steps)))
         log.print(f"export: {summary['export']}")
     if rank == 0:
         shards.atomic_write_text(s.out / "train_summary.json", json.dumps(summary, indent=2))

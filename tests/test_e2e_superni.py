@@ -23,7 +23,8 @@ def pipeline(tmp_path_factory):
              "--out", str(data)])
     train = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml",
                                   f"output_dir={run}", f"data.path={data}", f"train.max_steps={STEPS}",
-                                  "checkpoint.every_steps=4"))
+                                  "checkpoint.every_steps=4", "train.generate_every=4",
+                                  "train.generate_max_instances=1", "train.generate_max_new_tokens=4"))
     run_cmd(["itune-eval", "--data", str(data), "--model", str(run / "export"), "--out", str(tmp / "eval_export"),
              "--max-new-tokens", "8"])
     run_cmd(deepspeed_cmd(2, "launcher/eval.py", "--data", str(data), "--run-dir", str(run), "--out",
@@ -48,6 +49,12 @@ def test_training_ran_on_two_ranks_and_loss_fell(pipeline):
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert (pipeline["run"] / "checkpoints" / "latest").read_text() == f"global_step{STEPS}"
     assert list((pipeline["run"] / "tensorboard").glob("events.out.tfevents.*"))
+    # held-out generation during training: one instance per test task, official scores per step
+    for step in (4, 8):
+        res = json.loads((pipeline["run"] / "eval" / f"step{step}" / "results.json").read_text())
+        assert res["step"] == step and res["num_instances"] == 10
+    metrics = [json.loads(x) for x in (pipeline["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "heldout_generation"] == [4, 8]
 
 
 def test_export_loads_and_reproduces_engine_loss(pipeline):
@@ -75,6 +82,9 @@ def test_results_hold_all_test_tasks(pipeline):
     official = json.loads((pipeline["tmp"] / "eval_export" / "official_results.json").read_text())
     assert official == res["results"]
     assert len((pipeline["tmp"] / "eval_export" / "predictions.jsonl").read_text().splitlines()) == 529
+    # contamination guard ran against the training rows: held-out tasks share no 13-grams with them
+    assert res["contamination"]["instances"] == 529 and res["contamination"]["contaminated"] == 0
+    assert res["step"] == STEPS
 
 
 def test_zero3_predictions_equal_exported_model_predictions(pipeline):

@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0, help="suppress EOS before this many tokens")
     p.add_argument("--max-instances", type=int, default=None, help="first N instances per task")
+    p.add_argument("--ngram-threshold", type=float, default=0.5,
+                   help="report instances whose 13-gram overlap with the training rows exceeds this fraction")
+    p.add_argument("--xlingual-tokenizer", help="GPT-2-style tokenizer directory for xlingual-track ROUGE-L")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results files side by side")
     p.add_argument("--score", metavar="DIR", help="score DIR/predictions.jsonl against DIR/references.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -53,7 +56,7 @@ def _run(a, p) -> int:
         from itune.eval.metrics import score_superni
 
         preds, refs = report.read_official_files(a.score)
-        scores = score_superni(preds, refs)
+        scores = score_superni(preds, refs, xlingual_tokenizer=a.xlingual_tokenizer)
         report.write_results(Path(a.score) / "official_results.json", dict(scores))
         print(report.markdown_table(dict(scores)))
         return 0
@@ -70,19 +73,30 @@ def _run(a, p) -> int:
 
             dist.export_for_torch(env)
             tdist.init_process_group("gloo")
+        from itune.eval.contamination import training_record
+
         model, step, synced, name = model_from_export(a.model), None, False, a.model
+        training = training_record(a.model)
+        step = training["step"] if training else None
     else:
-        model, step = engine_from_run(a.run_dir)
+        model, step, training = engine_from_run(a.run_dir)
         synced, name = True, a.run_dir
     out = a.out or str(Path(a.model or a.run_dir) / "eval")
     res = evaluate(model, a.data, out, split=a.split, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                    min_new_tokens=a.min_new_tokens,
-                   max_instances=a.max_instances, synced_gpus=synced, model_name=name, step=step)
+                   max_instances=a.max_instances, synced_gpus=synced, model_name=name, step=step,
+                   training=training, ngram_threshold=a.ngram_threshold, xlingual_tokenizer=a.xlingual_tokenizer)
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_rank() == 0:
         print(report.markdown_table(res["results"]))
         r = res["results"]
+        cont = res["contamination"]
+        if "fraction" in cont:
+            print(f"contamination: {cont['contaminated']}/{cont['instances']} instances above "
+                  f"{cont['threshold']} {cont['ngram']}-gram overlap with the training rows")
+        else:
+            print(f"contamination check: {cont['skipped']}")
         print(f"{res['num_instances']} instances: ROUGE-L {r['rougeL_default_track']:.4f} "
               f"EM {r['exact_match_default_track']:.4f} -> {out}/results.json")
     return 0

@@ -67,7 +67,8 @@ def contamination_check(data_dir: str | Path, split: str) -> None:
 def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "test", batch_size: int = 8,
              max_new_tokens: int = 64, min_new_tokens: int = 0,
              max_instances: int | None = None, synced_gpus: bool = False,
-             model_name: str = "", step: int | None = None, do_sample: bool = False) -> dict:
+             model_name: str = "", step: int | None = None, do_sample: bool = False,
+             training: dict | None = None, ngram_threshold: float = 0.5, xlingual_tokenizer: str | None = None) -> dict:
     """Generates for every eval instance and scores with the official SuperNI protocol.
 
     Writes (rank 0): ``predictions.jsonl`` and ``references.jsonl`` (official formats), ``official_results.json``
@@ -77,6 +78,10 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
     Predictions are the decoded generated tokens with special tokens removed and surrounding whitespace stripped;
     no other post-processing.
 
+    Contamination guard: held-out tasks that the model was trained on (``training``: the export's
+    ``itune_training.json``) are refused, and the fraction of instances whose 13-gram overlap with the training
+    rows exceeds ``ngram_threshold`` is reported under ``contamination``.
+
     Returns:
         The ``results.json`` content.
     """
@@ -84,6 +89,7 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
     m = shards.read_manifest(data_dir)
     tok = TextTokenizer.load(m["tokenizer"]["path"])
     records = load_eval_records(data_dir, split, max_instances)
+    contamination = _contamination(records, m, split, tok, training, ngram_threshold, data_dir)
     t0 = time.time()
     gen = generate_all(model, [r["prompt_ids"] for r in records], eos_id=m["tokenizer"]["eos_id"],
                        pad_id=m["tokenizer"]["pad_id"], max_new_tokens=max_new_tokens,
@@ -91,12 +97,12 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
                        synced_gpus=synced_gpus, do_sample=do_sample)
     seconds = time.time() - t0
     predictions = {r["id"]: tok.decode(g).strip() for r, g in zip(records, gen)}
-    scores = score_superni(predictions, records)
+    scores = score_superni(predictions, records, xlingual_tokenizer=xlingual_tokenizer)
     results = {"model": model_name, "step": step, "split": split, "manifest_hash": shards.manifest_hash(data_dir),
                "num_instances": len(records), "missing_predictions": scores.num_missing_predictions,
                "generation": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "batch_size": batch_size, "greedy": not do_sample,
                               "seconds": round(seconds, 2)},
-               "results": dict(scores)}
+               "contamination": contamination, "results": dict(scores)}
     rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
     if rank == 0:
         out = Path(out_dir)
@@ -106,6 +112,21 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
         shards.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         shards.atomic_write_text(out / "results.md", report.markdown_table(dict(scores)))
     return results
+
+
+def _contamination(records, manifest, split, tok, training, threshold, data_dir) -> dict:
+    from itune.eval import contamination as c
+
+    if training is None:
+        return {"skipped": "the model has no itune_training.json (not exported by an itune training run)"}
+    c.check_heldout_tasks(manifest["splits"][split]["tasks"], training["train_tasks"], str(data_dir))
+    if training["tokenizer_fingerprint"] != manifest["tokenizer"]["fingerprint"]:
+        return {"skipped": "the training data used another tokenizer: token n-grams are not comparable"}
+    if not (Path(training["data_path"]) / shards.MANIFEST).is_file():
+        return {"skipped": f"training data {training['data_path']} is not available here"}
+    grams = c.train_ngrams(training["data_path"], training.get("train_split", "train"))
+    refs = [tok.encode_with_offsets(" " + r["references"][0].strip())[0] for r in records]
+    return c.overlap_report(records, refs, grams, threshold)
 
 
 def load_results(path: str | Path) -> dict:
@@ -129,7 +150,7 @@ def model_from_export(path: str | Path):
 def engine_from_run(run_dir: str | Path):
     """Rebuilds the ZeRO-3 model of a training run and loads its latest DeepSpeed checkpoint (weights only).
 
-    Must run under a distributed launcher (or as a single process); returns ``(module, step)``.
+    Must run under a distributed launcher (or as a single process); returns ``(module, step, training_record)``.
     """
     from itune import checkpoint, dist
     from itune.config import BatchPlan, config_from_dict
@@ -168,4 +189,8 @@ def engine_from_run(run_dir: str | Path):
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
     engine.module._itune_keepalive = dschf
-    return engine.module, state["global_step"]
+    training = {"step": state["global_step"], "data_path": str(Path(cfg.data.path).resolve()),
+                "train_split": cfg.data.train_split, "manifest_hash": state["manifest_hash"],
+                "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
+                "train_tasks": m["splits"][cfg.data.train_split]["tasks"]}
+    return engine.module, state["global_step"], training
