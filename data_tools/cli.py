@@ -87,7 +87,10 @@ def _train_tokenizer(a) -> int:
     from itune.data.sources import read_split_file, read_superni_task, superni_task_path
     from itune.data.tokenizer import train_sentencepiece
 
+    from itune.data.prepare import check_superni_dir
+
     root = Path(a.superni)
+    check_superni_dir(root)
     lines: list[str] = []
     for split in ("train_tasks.txt", "test_tasks.txt"):
         p = root / "splits" / split

@@ -62,6 +62,32 @@ def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidde
     return ds
 
 
+def check_model_config(cfg: RunConfig) -> list[str]:
+    """Problems with the model section found without building anything: unknown ``architecture`` keys (checked
+    against ``LlamaConfig``), head arithmetic, a missing checkpoint directory."""
+    from transformers import LlamaConfig
+
+    e = []
+    if cfg.model.pretrained:
+        if not (Path(cfg.model.pretrained) / "config.json").is_file():
+            e.append(f"model.pretrained: {cfg.model.pretrained} is not a Hugging Face model directory (no config.json)")
+        return e
+    known = set(LlamaConfig().to_dict())
+    for k in cfg.model.architecture:
+        if k not in known:
+            close = [n for n in known if n.replace("_", "") == k.replace("_", "") or
+                     (len(n) == len(k) and sum(a != b for a, b in zip(n, k)) <= 2)]
+            e.append(f"model.architecture.{k}: not a LlamaConfig field" + (f" (did you mean {close[0]}?)"
+                                                                          if close else ""))
+    a = cfg.model.architecture
+    h, heads, kv = a.get("hidden_size"), a.get("num_attention_heads"), a.get("num_key_value_heads")
+    if isinstance(h, int) and isinstance(heads, int) and heads > 0 and h % heads:
+        e.append(f"model.architecture: hidden_size {h} is not a multiple of num_attention_heads {heads}")
+    if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
+        e.append(f"model.architecture: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    return e
+
+
 def model_config(cfg: RunConfig, vocab_size: int):
     """The transformers config: from the checkpoint directory, or a LlamaConfig from ``architecture``."""
     from transformers import AutoConfig, LlamaConfig

@@ -224,6 +224,25 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | Non
     return state
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need no process group: the data manifest, the DeepSpeed JSON, the model section.
+    Run by the launcher entry point before any distributed work starts.
+
+    Raises:
+        ConfigError / ManifestError: listing the problems.
+    """
+    from itune.model import check_model_config
+
+    problems = check_model_config(cfg)
+    if not Path(cfg.ds_config).is_file():
+        problems.append(f"ds_config: {cfg.ds_config} not found (see ds_configs/)")
+    if problems:
+        raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+    shards.read_manifest(cfg.data.path)
+    build_ds_config(cfg.ds_config, BatchPlan(1, 1, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
+                                             1, 1, None), cfg.optim, 64, False)
+
+
 def setup(cfg: RunConfig) -> Setup:
     """Distributed init, data, model under ZeRO-3, optimizer, schedule, engine, and (if any) the resume state.
 

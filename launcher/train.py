@@ -29,9 +29,10 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from itune.train import run
+    from itune.train import preflight, run
 
     try:
+        preflight(cfg)
         run(cfg)
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)

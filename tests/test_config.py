@@ -59,3 +59,19 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert [f(0), f(1)] == [0.5, 1.0]
     assert f(2) == 1.0 and abs(f(11) - 0.1) < 1e-12
     assert abs(f(2 + 9 / 2) - 0.55) < 1e-12  # halfway through the decay: (1 + 0.1) / 2
+
+
+def test_model_section_checked_before_any_work():
+    from itune.model import check_model_config
+
+    cfg = load_config("configs/superni_tiny.yaml", ["model.architecture.num_hiden_layers=8",
+                                                    "model.architecture.hidden_size=66"])
+    assert check_model_config(cfg) == [
+        "model.architecture.num_hiden_layers: not a LlamaConfig field",
+        "model.architecture: hidden_size 66 is not a multiple of num_attention_heads 4",
+    ]
+    assert check_model_config(load_config("configs/superni_tiny.yaml")) == []
+
+
+def test_yaml_exponent_without_dot_is_a_float():
+    assert load_config("configs/superni_tiny.yaml", ["optim.lr=1e-9"]).optim.lr == 1e-9

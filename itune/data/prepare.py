@@ -62,7 +62,17 @@ class PrepareOptions:
     pack: bool = True
 
 
+def check_superni_dir(root: Path) -> None:
+    """Raises ConfigError unless ``root`` looks like a SuperNI checkout (``tasks/`` with task files)."""
+    if not root.is_dir():
+        raise ConfigError(f"{root}: directory does not exist (expected a SuperNI directory with tasks/ and splits/)")
+    if not (root / "tasks").is_dir():
+        raise ConfigError(f"{root}: no tasks/ directory; --superni takes the directory that holds tasks/ and "
+                          f"splits/ (found: {sorted(p.name for p in root.iterdir())[:10]})")
+
+
 def _split_file(opts: PrepareOptions, given: Path | None, name: str) -> Path:
+    check_superni_dir(opts.superni_dir)
     if given is not None:
         return Path(given)
     for cand in (opts.superni_dir / "splits" / name, opts.superni_dir / "splits" / "default" / name):

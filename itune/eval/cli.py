@@ -1,7 +1,7 @@
 """``itune-eval``: held-out generation and official SuperNI scoring.
 
     itune-eval --data runs/data/superni_512 --model runs/superni_tiny/export --out runs/superni_tiny/eval
-    deepspeed --num_gpus 2 -m itune.eval.cli --data runs/data/superni_512 --run-dir runs/superni_tiny
+    deepspeed --num_gpus 2 launcher/eval.py --data runs/data/superni_512 --run-dir runs/superni_tiny
     itune-eval --compare runs/a/eval/results.json runs/b/eval/results.json
     itune-eval --score DIR   (score predictions.jsonl + references.jsonl in DIR, official rules)
 """
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -45,9 +46,16 @@ def main(argv=None) -> int:
 def _run(a, p) -> int:
     from pathlib import Path
 
+    from itune.errors import ConfigError
     from itune.eval import report
     from itune.eval.run import load_results
 
+    for f in a.compare or []:
+        if not Path(f).is_file():
+            raise ConfigError(f"{f}: not a file; --compare takes two results.json files written by itune-eval")
+    if a.score and not (Path(a.score) / "predictions.jsonl").is_file():
+        raise ConfigError(f"{a.score}: no predictions.jsonl here; --score takes a directory holding "
+                          "predictions.jsonl and references.jsonl (official formats)")
     if a.compare:
         print(report.compare_results(load_results(a.compare[0]), load_results(a.compare[1]),
                                      Path(a.compare[0]).parent.name or "a", Path(a.compare[1]).parent.name or "b"))
@@ -75,11 +83,11 @@ def _run(a, p) -> int:
             tdist.init_process_group("gloo")
         from itune.eval.contamination import training_record
 
-        model, step, synced, name = model_from_export(a.model), None, False, a.model
+        model, step, synced, name = model_from_export(a.model, a.data), None, False, a.model
         training = training_record(a.model)
         step = training["step"] if training else None
     else:
-        model, step, training = engine_from_run(a.run_dir)
+        model, step, training = engine_from_run(a.run_dir, a.data)
         synced, name = True, a.run_dir
     out = a.out or str(Path(a.model or a.run_dir) / "eval")
     res = evaluate(model, a.data, out, split=a.split, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
@@ -97,6 +105,11 @@ def _run(a, p) -> int:
                   f"{cont['threshold']} {cont['ngram']}-gram overlap with the training rows")
         else:
             print(f"contamination check: {cont['skipped']}")
+        empty = sum(1 for line in (Path(out) / "predictions.jsonl").read_text().splitlines()
+                    if not json.loads(line)["prediction"])
+        if empty > res["num_instances"] // 2:
+            print(f"warning: {empty}/{res['num_instances']} predictions are empty (the model ends with EOS at once);"
+                  " an undertrained model does this (see --min-new-tokens to inspect its text anyway)")
         print(f"{res['num_instances']} instances: ROUGE-L {r['rougeL_default_track']:.4f} "
               f"EM {r['exact_match_default_track']:.4f} -> {out}/results.json")
     return 0

@@ -135,19 +135,48 @@ def load_results(path: str | Path) -> dict:
     return d["results"] if isinstance(d.get("results"), dict) else d
 
 
-def model_from_export(path: str | Path):
-    """An exported checkpoint as a plain fp32 module on CPU (bf16 on CUDA)."""
+def check_tokenizer(model_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuses a model whose tokenizer differs from the one the eval data was prepared with.
+
+    Raises:
+        ManifestError: naming both tokenizers and the fix.
+    """
+    m = shards.read_manifest(data_dir)
+    p = Path(model_dir)
+    if not (p / "tokenizer.json").is_file():
+        return  # a checkpoint without tokenizer files: nothing to compare (vocabulary size is checked below)
+    fp = TextTokenizer.load(p).fingerprint
+    if fp != m["tokenizer"]["fingerprint"]:
+        raise ManifestError(f"{p}: its tokenizer (fingerprint {fp}) is not the one {data_dir} was prepared with "
+                            f"({m['tokenizer']['path']}, fingerprint {m['tokenizer']['fingerprint']}); prepare the "
+                            f"eval data with the model's tokenizer: itune-data prepare ... --tokenizer {p}")
+
+
+def model_from_export(path: str | Path, data_dir: str | Path | None = None):
+    """An exported checkpoint as a plain fp32 module on CPU (bf16 on CUDA); checked against ``data_dir``'s
+    tokenizer when given.
+
+    Raises:
+        ConfigError: not a model directory. ManifestError: tokenizer or vocabulary mismatch.
+    """
     from itune.checkpoint import load_export
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{p}: not a Hugging Face model directory (no config.json)")
+    if data_dir is not None:
+        check_tokenizer(p, data_dir)
+        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+        need = shards.read_manifest(data_dir)["tokenizer"]["vocab_size"]
+        if vocab is not None and vocab < need:
+            raise ManifestError(f"{p}: vocabulary of {vocab} ids, but {data_dir} uses {need}; prepare the eval data "
+                                "with the model's tokenizer")
     cuda = torch.cuda.is_available()
     model = load_export(p, dtype=torch.bfloat16 if cuda else torch.float32)
     return model.cuda() if cuda else model
 
 
-def engine_from_run(run_dir: str | Path):
+def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     """Rebuilds the ZeRO-3 model of a training run and loads its latest DeepSpeed checkpoint (weights only).
 
     Must run under a distributed launcher (or as a single process); returns ``(module, step, training_record)``.
@@ -172,6 +201,10 @@ def engine_from_run(run_dir: str | Path):
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     cfg = config_from_dict(state["config"])
     m = shards.read_manifest(cfg.data.path)
+    if eval_data is not None and shards.read_manifest(eval_data)["tokenizer"]["fingerprint"] != m["tokenizer"][
+            "fingerprint"]:
+        raise ManifestError(f"{eval_data} was prepared with another tokenizer than the run's training data "
+                            f"{cfg.data.path}; prepare it with {m['tokenizer']['path']}")
     plan = BatchPlan(1, m["seq_len"], 1, 1, tdist.get_world_size(), 1, None)
     hf_config = model_config(cfg, m["tokenizer"]["vocab_size"])
     for k in ("bos_id", "eos_id", "pad_id"):
