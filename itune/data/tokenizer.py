@@ -151,6 +151,11 @@ def train_sentencepiece(text_lines, out_dir: str | os.PathLike, vocab_size: int 
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+    if vocab_size < 300:
+        from itune.errors import ConfigError
+
+        raise ConfigError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces plus the "
+                          "special tokens and the characters of the corpus; use at least 300")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
