@@ -31,6 +31,8 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
+from itune.errors import ItuneError
+
 __all__ = [
     "DEFAULT_MASTER_ADDR",
     "DEFAULT_MASTER_PORT",
@@ -53,7 +55,7 @@ SLURM_PORT_SPAN = 20000
 SOURCES = ("deepspeed", "torchrun", "slurm", "single")
 
 
-class DistEnvError(ValueError):
+class DistEnvError(ItuneError, ValueError):
     """The launcher environment is missing, malformed or inconsistent.
 
     The message names the variable, its value and how to fix the launch.

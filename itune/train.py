@@ -396,8 +396,8 @@ def run(cfg: RunConfig) -> dict:
 
     Exits the process with :data:`EXIT_PREEMPTED` after saving a checkpoint on SIGTERM/SIGUSR1.
     """
+    preempt = PreemptionFlag()  # first: a signal during start-up is honoured at the first step boundary
     s = setup(cfg)
-    preempt = PreemptionFlag()
     engine, plan, log, rank = s.engine, s.plan, s.log, s.rank
     start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:

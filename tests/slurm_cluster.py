@@ -361,6 +361,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         timeout_s: float = 180.0,
         cwd: str | os.PathLike[str] | None = None,
         sbatch_wait: bool = False,
+        script_args: Sequence[str] = (),
     ) -> tuple[int, int]:
         """Submit a batch script with ``sbatch``.
 
@@ -373,6 +374,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             cwd: Working directory of the job (default: the repository root).
             sbatch_wait: Wait with ``sbatch --wait`` itself (returns its exit status) instead of polling
                 ``scontrol``; slower, since sbatch polls at 2 s, then ~10 s intervals.
+            script_args: Arguments for the batch script itself (after its path on the sbatch command line).
 
         Returns:
             ``(job_id, returncode)``: with ``wait`` the job's exit code, else sbatch's.
@@ -387,7 +389,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         # Not `sbatch --wait`: it polls the controller at growing intervals (2 s, then ~10 s), which
         # dominates short test jobs; polling `scontrol show job` ends within a fraction of a second.
         use_sbatch_wait = wait and sbatch_wait
-        argv = ["sbatch", "--parsable", *(["--wait"] if use_sbatch_wait else []), *args, str(path)]
+        argv = ["sbatch", "--parsable", *(["--wait"] if use_sbatch_wait else []), *args, str(path), *script_args]
         workdir = str(cwd) if cwd else str(Path(__file__).resolve().parents[1])
         proc = subprocess.run(
             argv, capture_output=True, text=True, env=self.env, cwd=workdir,

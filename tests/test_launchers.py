@@ -1,0 +1,92 @@
+"""The same training run through different launchers, and a mis-launch that must fail fast.
+
+* ``torchrun --nproc-per-node 2 launcher/train.py ...`` gives exactly the per-step losses of
+  ``deepspeed --num_gpus 2 launcher/train.py ...`` (the identity comes from itune.dist either way).
+* One plain ``python launcher/train.py`` with ``RANK=5 WORLD_SIZE=2`` (no launcher) stops within seconds with the
+  DistEnvError message instead of waiting in the first collective for peers that will never come.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MISTRAL, ROOT, SUPERNI, deepspeed_cmd, run_cmd
+
+pytestmark = pytest.mark.distributed
+
+PY = sys.executable
+CONFIG = "configs/superni_tiny.yaml"
+OVERRIDES = ("train.max_steps=3", "checkpoint.export=false")
+
+
+def _bin(name: str) -> str:
+    return shutil.which(name, path=str(Path(PY).parent)) or name
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())]
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """The real `torchrun` of this environment, `nproc` local workers, a port apart from deepspeed_cmd's."""
+    port = 30500 + os.getpid() % 1000
+    return [_bin("torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), script, *args]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("launchers_data") / "superni_512"
+    run_cmd([_bin("itune-data"), "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len",
+             "512", "--out", str(out)])
+    return out
+
+
+def test_torchrun_equals_deepspeed_launcher(data, tmp_path):
+    runs = {}
+    for name, cmd in (("deepspeed", deepspeed_cmd), ("torchrun", torchrun_cmd)):
+        run = tmp_path / name
+        proc = run_cmd(cmd(2, "launcher/train.py", "--config", CONFIG, f"output_dir={run}", f"data.path={data}",
+                           *OVERRIDES))
+        log = proc.stdout + proc.stderr
+        assert f"rank 0/2 local 0 node 0 via {name}" in log, log[-4000:]
+        runs[name] = _losses(run)
+    assert [s for s, _ in runs["deepspeed"]] == [1, 2, 3]
+    assert runs["torchrun"] == runs["deepspeed"]  # exact equality, step by step
+
+
+def _mislaunch(tmp_path) -> tuple[subprocess.CompletedProcess, float]:
+    """One process that claims to be rank 5 of 2 without any launcher."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_"))
+           and k not in {"LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE",
+                         "MASTER_ADDR", "MASTER_PORT"}}
+    env.update(RANK="5", WORLD_SIZE="2", PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    proc = subprocess.run([PY, "launcher/train.py", "--config", CONFIG, f"output_dir={tmp_path / 'run'}",
+                           f"data.path={tmp_path / 'no-data'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def test_mislaunch_fails_fast_with_dist_env_error(tmp_path):
+    proc, elapsed = _mislaunch(tmp_path)
+    assert proc.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.1f} s"  # seconds (imports on 2 busy cores), not a collective timeout
+    assert "RANK='5' (WORLD_SIZE='2') is set but no launcher is recognised" in proc.stderr, proc.stderr[-3000:]
+    assert "launch with torchrun, deepspeed or srun" in proc.stderr
+    assert not (tmp_path / "run").exists()  # stopped before any output
+
+
+def test_mislaunch_exits_2_with_one_line_error(tmp_path):
+    proc, _ = _mislaunch(tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: RANK='5' (WORLD_SIZE='2') is set")
+    assert "Traceback" not in proc.stderr
