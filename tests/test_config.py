@@ -75,3 +75,10 @@ def test_model_section_checked_before_any_work():
 
 def test_yaml_exponent_without_dot_is_a_float():
     assert load_config("configs/superni_tiny.yaml", ["optim.lr=1e-9"]).optim.lr == 1e-9
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
+def test_shipped_ds_configs_are_engine_settings_only(name):
+    ds = build_ds_config(f"ds_configs/{name}", BatchPlan(10, 64, 1, 2, 2, 1, None), OptimConfig(), 128, True)
+    assert ds["train_batch_size"] == 4 and ds["bf16"] == {"enabled": True}
+    assert all(v != "auto" for v in ds["zero_optimization"].values())
