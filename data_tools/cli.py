@@ -28,7 +28,8 @@ def _prepare(a) -> int:
         return 2
     if a.input:
         return _prepare_sources(a)
-    given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction")
+    given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction",
+                                                  "task_field", "heldout_tasks")
              if getattr(a, k) not in (None, [], "auto", "raise")]
     if a.train_on != "all":
         given.append("--train-on")
@@ -60,11 +61,17 @@ def _prepare_sources(a) -> int:
         inputs=[Path(p) for p in a.input], tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
         format=a.format, template=a.template, fields=parse_field_mapping(a.field), train_on=a.train_on,
         on_error=a.on_error, max_bad_fraction=a.max_bad_fraction, overflow=a.overflow, seed=a.seed,
-        max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite))
+        max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite,
+        task_field=a.task_field, heldout_tasks=[t for t in (a.heldout_tasks or "").split(",") if t],
+        max_eval_instances_per_task=a.max_eval_instances_per_task))
     for s in m["sources"]:
         c = s["counts"]
         print(f"{s['path']}: {s['format']}, template {s['template']}: read {c['read']} = written {c['written']} + "
               f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}")
+    if "test" in m["splits"]:
+        t = m["splits"]["test"]
+        print(f"test (held-out tasks {m['heldout_tasks']}): {t['counts']['written']} examples, {t['rows']} rows, "
+              f"{t['eval_instances']} eval instances")
     info = m["splits"]["train"]
     c = info["counts"]
     print(f"train: read {c['read']} = written {c['written']} + rejected {sum(c['rejected'].values())}; "
@@ -172,6 +179,9 @@ def main(argv=None) -> int:
     q.add_argument("--max-bad-fraction", type=float, default=None,
                    help="with --on-error skip: fail when more than this fraction of records is bad")
     q.add_argument("--no-pack", action="store_true", help="one example per row (no packing), for comparison")
+    q.add_argument("--task-field", help="record field naming each example's task (e.g. category)")
+    q.add_argument("--heldout-tasks", help="comma-separated task names (values of --task-field) written to the "
+                   "held-out split 'test' with eval instances, never to 'train'")
     q.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     q.add_argument("--out", required=True)
     q.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")

@@ -255,6 +255,22 @@ class SourcesOptions:
     max_rows_per_shard: int = 4096
     pack: bool = True
     overwrite: bool = False
+    task_field: str | None = None
+    heldout_tasks: list = None
+    max_eval_instances_per_task: int = 100
+
+
+def _eval_records(examples, tok, template_of, cap: int) -> list[dict]:
+    """The first ``cap`` examples of each task as eval records (prompt ids from the training renderer)."""
+    per_task: Counter = Counter()
+    out = []
+    for ex in examples:
+        if per_task[ex.task] < cap:
+            per_task[ex.task] += 1
+            out.append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
+                        "track": "default", "references": ex.references,
+                        "prompt_ids": render_prompt(ex, tok, template_of(ex))})
+    return out
 
 
 def _check_sources_options(opts: SourcesOptions) -> None:
@@ -280,6 +296,8 @@ def _check_sources_options(opts: SourcesOptions) -> None:
             problems.append(f"{p}: input file not found")
     if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
         problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+    if opts.heldout_tasks and not opts.task_field:
+        problems.append("held-out tasks need --task-field (the record field that names each example's task)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -313,11 +331,12 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
     rejects: list[dict] = []
     rendered, examples, sources = [], [], []
+    template_by_id: dict = {}
     read = bad = 0
     rejected: Counter = Counter()
     for path, fmt, template in plan:
         s_read, s_rejected, s_written = 0, Counter(), 0
-        for ex, err, loc in read_source(path, fmt, opts.fields):
+        for ex, err, loc in read_source(path, fmt, opts.fields, task_field=opts.task_field):
             s_read += 1
             if err is not None:
                 if opts.on_error == "raise":
@@ -336,6 +355,7 @@ def prepare_sources(opts: SourcesOptions) -> dict:
             s_written += 1
             rendered.append(r)
             examples.append(ex)
+            template_by_id[id(ex)] = template
         if s_read == 0:
             raise DataFormatError(f"{path}: no record found (an empty file?)")
         read += s_read
@@ -350,14 +370,44 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         raise DataFormatError(
             f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {opts.max_bad_fraction}; "
             f"reasons {dict(rejected)}; every one is listed in {opts.out_dir / 'rejects.jsonl'}")
-    tasks = list(dict.fromkeys(p.stem for p in opts.inputs))
-    info = _write_split(opts.out_dir, "train", tasks, read, rejected, rendered, examples, opts.seq_len,
-                        tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
+    heldout = list(opts.heldout_tasks or [])
+    splits = {}
+    if heldout:  # examples of the named tasks form the held-out split "test" (rows + eval instances)
+        present = {e.task for e in examples}
+        missing = [t for t in heldout if t not in present]
+        if missing:
+            raise ConfigError(f"held-out tasks {missing} have no example (tasks found via --task-field "
+                              f"{opts.task_field!r}: {sorted(present)[:20]})")
+        parts = {"train": [i for i, e in enumerate(examples) if e.task not in heldout],
+                 "test": [i for i, e in enumerate(examples) if e.task in heldout]}
+        rej_by_split = {"train": Counter(), "test": Counter()}
+        for r in rejects:  # rejected records whose task is known are counted in that task's split
+            rej_by_split["train"][r["reason"]] += 1
+        for split, idx in parts.items():
+            ex_s = [examples[i] for i in idx]
+            tasks = list(dict.fromkeys(e.task for e in ex_s))
+            rej = rej_by_split[split]
+            info = _write_split(opts.out_dir, split, tasks, len(idx) + sum(rej.values()), rej,
+                                [rendered[i] for i in idx], ex_s, opts.seq_len, tok.pad_id, opts.seed, opts.pack,
+                                opts.max_rows_per_shard)
+            if split == "test":
+                recs = _eval_records(ex_s, tok, lambda e: template_by_id[id(e)], opts.max_eval_instances_per_task)
+                shards.atomic_write_text(opts.out_dir / "test_eval.jsonl",
+                                         "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
+                info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
+                            eval_sha256=shards.sha256_file(opts.out_dir / "test_eval.jsonl"))
+            splits[split] = info
+    else:
+        tasks = (list(dict.fromkeys(e.task for e in examples)) if opts.task_field
+                 else list(dict.fromkeys(p.stem for p in opts.inputs)))
+        splits["train"] = _write_split(opts.out_dir, "train", tasks, read, rejected, rendered, examples,
+                                       opts.seq_len, tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
     templates = sorted({t for _, _, t in plan})
     manifest = {
         "format_version": shards.FORMAT_VERSION,
         "created_by": f"itune {__version__}",
         "source": {"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
+                   "task_field": opts.task_field,
                    "on_error": opts.on_error, "max_bad_fraction": opts.max_bad_fraction},
         "source_files": {s["path"]: s["sha256"] for s in sources},
         "sources": sources,
@@ -367,8 +417,8 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         "overflow": opts.overflow,
         "seq_len": opts.seq_len,
         "seed": opts.seed,
-        "heldout_tasks": [],
-        "splits": {"train": info},
+        "heldout_tasks": heldout,
+        "splits": splits,
         "seconds": round(time.time() - t0, 3),
     }
     shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")

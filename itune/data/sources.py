@@ -461,7 +461,8 @@ def _system(r: _Rec) -> list[Message]:
     return [Message("system", s)] if s.strip() else []
 
 
-def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None) -> Example:
+def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None,
+                 task_field: str | None = None) -> Example:
     """Turns one record of format ``fmt`` into an :class:`Example`.
 
     - ``alpaca``: ``instruction``, optional ``input`` (``""`` and ``"<noinput>"`` mean none), ``output``; the user
@@ -523,10 +524,17 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
     else:
         eid = f"{Path(source).name}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
     last = next(m.content for m in reversed(messages) if m.role == "assistant")
+    if task_field is not None:  # the task name comes from a field of the record (held-out splits by task)
+        value = rec.get(task_field)
+        if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+            raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
+                                        f"(found {_short(value)})")
+        name = str(value).strip()
     return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra)
 
 
-def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None, name: str | None = None):
+def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None, name: str | None = None,
+                task_field: str | None = None):
     """Yields ``(Example | None, RecordError | None, location)`` for every record of one instruction file.
 
     Args:
@@ -534,6 +542,7 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
         fmt: one of :data:`FORMATS`, or ``"auto"`` to detect it from the first record's keys.
         fields: canonical field name -> key in the file (see :data:`CANONICAL_FIELDS`).
         name: task name of the examples (default: the file's stem).
+        task_field: read each example's task name from this record field instead.
 
     Raises:
         DataFormatError: the file is unreadable as a whole, or ``auto`` cannot tell its format (the message shows
@@ -555,7 +564,7 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
                                                        f"{type(rec).__name__} {_short(rec)}"), loc
             continue
         try:
-            yield parse_record(rec, fmt, loc, name, str(path), fields), None, loc
+            yield parse_record(rec, fmt, loc, name, str(path), fields, task_field), None, loc
         except RecordError as e:
             yield None, e, loc
 
