@@ -225,7 +225,8 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | Non
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need no process group: the data manifest, the DeepSpeed JSON, the model section.
+    """Checks that need no process group: the launch environment, the data manifest, the DeepSpeed JSON, the
+    model section.
     Run by the launcher entry point before any distributed work starts.
 
     Raises:
@@ -233,6 +234,7 @@ def preflight(cfg: RunConfig) -> None:
     """
     from itune.model import check_model_config
 
+    dist.resolve()  # a mis-launch is reported first (DistEnvError names the variable)
     problems = check_model_config(cfg)
     if not Path(cfg.ds_config).is_file():
         problems.append(f"ds_config: {cfg.ds_config} not found (see ds_configs/)")

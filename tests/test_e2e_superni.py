@@ -2,6 +2,7 @@
 ``deepspeed`` launcher -> verified HF export -> held-out evaluation (exported model, and ZeRO-3 on 2 ranks)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -95,3 +96,32 @@ def test_zero3_predictions_equal_exported_model_predictions(pipeline):
     e = preds(pipeline["tmp"] / "eval_export")
     assert len(z) == 30  # first 3 instances of each of the 10 tasks, split over 2 ranks and gathered
     assert {k: e[k] for k in z} == z  # non-trivial outputs are compared in test_generation_parity.py
+
+
+def test_training_from_the_exported_checkpoint(pipeline):
+    """``model.pretrained`` loads an export under ``deepspeed.zero.Init``: each rank holds half of the parameters,
+    and the first step's loss equals the export's loss on the same rows computed without DeepSpeed."""
+    from itune.config import BatchPlan
+    from itune.loader import step_row_ids
+    from itune.loss import count_targets, sum_cross_entropy
+    from transformers import AutoModelForCausalLM
+
+    run2 = pipeline["tmp"] / "continued"
+    out = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml",
+                                f"output_dir={run2}", f"data.path={pipeline['data']}", "train.max_steps=1",
+                                f"model.pretrained={pipeline['run'] / 'export'}", "checkpoint.export=false"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("model: "))
+    total, local = (int(x.replace(",", "")) for x in re.match(r"model: ([\d,]+) parameters \(([\d,]+) held",
+                                                              line).groups())
+    assert abs(local - total / 2) <= 0.01 * total
+    first = json.loads((run2 / "losses.jsonl").read_text().splitlines()[0])["loss"]
+    m = read_manifest(pipeline["data"])
+    rows = PackedRows(open_split(pipeline["data"], "train"), m["seq_len"], m["tokenizer"]["pad_id"])
+    plan = BatchPlan(len(rows), m["seq_len"], 2, 2, 2, 2, 1)
+    ids = [i for r in range(2) for mb in step_row_ids(plan, 0, 0, 0, r) for i in mb]
+    model = AutoModelForCausalLM.from_pretrained(pipeline["run"] / "export", dtype=torch.float32).eval()
+    b = rows.rows(ids)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+    expected = float(sum_cross_entropy(logits, b.labels, b.position_ids)) / count_targets(b.labels, b.position_ids)
+    assert abs(first - expected) < 1e-4
