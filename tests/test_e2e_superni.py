@@ -10,7 +10,7 @@ import torch
 from itune.data.shards import open_split, read_manifest
 from itune.loader import PackedRows
 from itune.train import fixed_batch_loss
-from tests.conftest import MISTRAL, ROOT, SUPERNI, deepspeed_cmd, run_cmd
+from tests.conftest import MISTRAL, SUPERNI, deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 8

@@ -5,7 +5,6 @@ import shutil
 import pytest
 
 from itune.data.prepare import PrepareOptions, prepare_superni
-from itune.data.synthetic import write_task_suite
 from itune.data.tokenizer import train_sentencepiece
 from itune.errors import ManifestError
 from itune.eval.run import check_tokenizer

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from itune.data.prepare import PrepareOptions, prepare_superni

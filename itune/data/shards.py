@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itune.errors import ManifestError
+from itune.fileio import atomic_write_text  # noqa: F401  (re-exported for callers)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,14 +47,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_shards(out_dir: Path, split: str, columns: dict[str, list], max_rows_per_shard: int) -> list[dict]:

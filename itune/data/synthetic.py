@@ -33,17 +33,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+
+from itune.fileio import atomic_write_text
 
 __all__ = [
     "ADJECTIVES",
@@ -1026,23 +1025,6 @@ def build_task(
     return {key: values[key] for key in TASK_KEYS}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_task_suite(
     out_dir: str | Path, seed: int = 0, instances_per_task: int = 60, num_positive_examples: int = 2
 ) -> dict:
@@ -1072,12 +1054,12 @@ def write_task_suite(
     splits: dict[str, dict[str, int]] = {split: {"num_tasks": 0, "num_instances": 0} for split in SPLITS}
     for name, spec in TASKS.items():
         task = build_task(spec, seed, instances_per_task, num_positive_examples)
-        _atomic_write_text(tasks_dir / f"{name}.json", json.dumps(task, indent=4, ensure_ascii=False) + "\n")
+        atomic_write_text(tasks_dir / f"{name}.json", json.dumps(task, indent=4, ensure_ascii=False) + "\n")
         splits[spec.split]["num_tasks"] += 1
         splits[spec.split]["num_instances"] += len(task["Instances"])
     for split in SPLITS:
         names = task_names(split)
-        _atomic_write_text(splits_dir / f"{split}_tasks.txt", "".join(f"{n}\n" for n in names))
+        atomic_write_text(splits_dir / f"{split}_tasks.txt", "".join(f"{n}\n" for n in names))
     return {
         "out_dir": str(out),
         "seed": seed,

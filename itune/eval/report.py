@@ -9,17 +9,16 @@ partial file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from itune.fileio import atomic_write_text
 from itune.errors import DataFormatError
 from itune.eval.metrics import METRICS, TRACKS
 
@@ -64,23 +63,6 @@ RecordLike = Union[EvalRecord, Mapping[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` (UTF-8) to ``path`` through a temp file in the same directory and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
 
 
 def _jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -188,8 +170,8 @@ def write_official_files(out_dir: str | os.PathLike[str], records: Iterable[Reco
         for r in validated
     )
     prediction_rows = ({"id": r.id, "prediction": r.prediction} for r in validated if r.prediction is not None)
-    _atomic_write_text(references_path, _jsonl(reference_rows))
-    _atomic_write_text(predictions_path, _jsonl(prediction_rows))
+    atomic_write_text(references_path, _jsonl(reference_rows))
+    atomic_write_text(predictions_path, _jsonl(prediction_rows))
     return predictions_path, references_path
 
 
@@ -310,7 +292,7 @@ def write_results(path: str | os.PathLike[str], results: Mapping[str, float]) ->
         The path written.
     """
     path = Path(path)
-    _atomic_write_text(path, json.dumps(dict(results), indent=2))
+    atomic_write_text(path, json.dumps(dict(results), indent=2))
     return path
 
 
