@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (default: <model or run-dir>/eval)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call per rank")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="with --sample (per rank: seed + rank)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="suppress EOS before this many tokens")
     p.add_argument("--max-instances", type=int, default=None, help="first N instances per task")
     p.add_argument("--ngram-threshold", type=float, default=0.5,
@@ -93,7 +96,8 @@ def _run(a, p) -> int:
     res = evaluate(model, a.data, out, split=a.split, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                    min_new_tokens=a.min_new_tokens,
                    max_instances=a.max_instances, synced_gpus=synced, model_name=name, step=step,
-                   training=training, ngram_threshold=a.ngram_threshold, xlingual_tokenizer=a.xlingual_tokenizer)
+                   training=training, ngram_threshold=a.ngram_threshold, xlingual_tokenizer=a.xlingual_tokenizer,
+                   do_sample=a.sample, temperature=a.temperature, seed=a.seed)
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_rank() == 0:

@@ -67,7 +67,8 @@ def contamination_check(data_dir: str | Path, split: str) -> None:
 def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "test", batch_size: int = 8,
              max_new_tokens: int = 64, min_new_tokens: int = 0,
              max_instances: int | None = None, synced_gpus: bool = False,
-             model_name: str = "", step: int | None = None, do_sample: bool = False,
+             model_name: str = "", step: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+             seed: int = 0,
              training: dict | None = None, ngram_threshold: float = 0.5, xlingual_tokenizer: str | None = None) -> dict:
     """Generates for every eval instance and scores with the official SuperNI protocol.
 
@@ -94,13 +95,14 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
     gen = generate_all(model, [r["prompt_ids"] for r in records], eos_id=m["tokenizer"]["eos_id"],
                        pad_id=m["tokenizer"]["pad_id"], max_new_tokens=max_new_tokens,
                        min_new_tokens=min_new_tokens, batch_size=batch_size,
-                       synced_gpus=synced_gpus, do_sample=do_sample)
+                       synced_gpus=synced_gpus, do_sample=do_sample, temperature=temperature, seed=seed)
     seconds = time.time() - t0
     predictions = {r["id"]: tok.decode(g).strip() for r, g in zip(records, gen)}
     scores = score_superni(predictions, records, xlingual_tokenizer=xlingual_tokenizer)
     results = {"model": model_name, "step": step, "split": split, "manifest_hash": shards.manifest_hash(data_dir),
                "num_instances": len(records), "missing_predictions": scores.num_missing_predictions,
                "generation": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "batch_size": batch_size, "greedy": not do_sample,
+                              **({"temperature": temperature, "seed": seed} if do_sample else {}),
                               "seconds": round(seconds, 2)},
                "contamination": contamination, "results": dict(scores)}
     rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
