@@ -130,6 +130,8 @@ class CheckpointConfig:
         export: write a Hugging Face export (safetensors) at the end, to ``output_dir/export``.
         export_initial: also export the weights before the first step, to ``output_dir/export_step0`` (a
             baseline for evaluation).
+        export_checkpoints: also export (and verify) every intermediate checkpoint, to
+            ``output_dir/checkpoints/global_stepN/hf``.
     """
 
     every_steps: int = 0
@@ -137,6 +139,7 @@ class CheckpointConfig:
     resume: bool = True
     export: bool = True
     export_initial: bool = False
+    export_checkpoints: bool = False
 
 
 @dataclass

@@ -68,6 +68,12 @@ def check_model_config(cfg: RunConfig) -> list[str]:
     from transformers import LlamaConfig
 
     e = []
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            e.append("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package; "
+                     "use sdpa (the default) here")
     if cfg.model.pretrained:
         if not (Path(cfg.model.pretrained) / "config.json").is_file():
             e.append(f"model.pretrained: {cfg.model.pretrained} is not a Hugging Face model directory (no config.json)")

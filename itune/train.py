@@ -371,8 +371,11 @@ def _trainer_state(s: Setup, step: int) -> dict:
             "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
 
-def _save(s: Setup, step: int) -> None:
+def _save(s: Setup, step: int, export: bool = False) -> None:
     checkpoint.save(s.engine, s.ckpt_dir, step, _trainer_state(s, step), s.cfg.checkpoint.keep_last, s.rank)
+    if export:
+        export_verified(s.engine, s.hf_config, s.tokenizer_dir, s.ckpt_dir / f"global_step{step}" / "hf",
+                        s.train_rows, s.rank, training_record(s, step))
 
 
 def _resume(s: Setup) -> int:
@@ -450,7 +453,7 @@ def run(cfg: RunConfig) -> dict:
             log.print(f"step {done} held-out generation: ROUGE-L {res['rougeL_default_track']:.4f} "
                       f"EM {res['exact_match_default_track']:.4f}")
         if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < plan.total_steps:
-            _save(s, done)
+            _save(s, done, export=cfg.checkpoint.export_checkpoints)
         if preempt.agreed():
             _save(s, done)
             log.print(f"preempted: checkpoint saved at optimizer step {done}; exiting with {EXIT_PREEMPTED}")

@@ -82,3 +82,11 @@ def test_shipped_ds_configs_are_engine_settings_only(name):
     ds = build_ds_config(f"ds_configs/{name}", BatchPlan(10, 64, 1, 2, 2, 1, None), OptimConfig(), 128, True)
     assert ds["train_batch_size"] == 4 and ds["bf16"] == {"enabled": True}
     assert all(v != "auto" for v in ds["zero_optimization"].values())
+
+
+def test_flash_attention_needs_cuda_and_the_package():
+    from itune.model import check_model_config
+
+    cfg = load_config("configs/superni_tiny.yaml", ["model.attn_implementation=flash_attention_2"])
+    assert check_model_config(cfg) == ["model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn "
+                                       "package; use sdpa (the default) here"]

@@ -24,7 +24,8 @@ def pipeline(tmp_path_factory):
              "--out", str(data)])
     train = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml",
                                   f"output_dir={run}", f"data.path={data}", f"train.max_steps={STEPS}",
-                                  "checkpoint.every_steps=4", "train.generate_every=4",
+                                  "checkpoint.every_steps=4", "checkpoint.export_checkpoints=true",
+                                  "train.generate_every=4",
                                   "train.generate_max_instances=1", "train.generate_max_new_tokens=4"))
     run_cmd(["itune-eval", "--data", str(data), "--model", str(run / "export"), "--out", str(tmp / "eval_export"),
              "--max-new-tokens", "8"])
@@ -49,6 +50,9 @@ def test_training_ran_on_two_ranks_and_loss_fell(pipeline):
     summary = json.loads((pipeline["run"] / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert (pipeline["run"] / "checkpoints" / "latest").read_text() == f"global_step{STEPS}"
+    # the intermediate checkpoint was exported and verified on request
+    check = json.loads((pipeline["run"] / "checkpoints" / "global_step4" / "hf" / "export_check.json").read_text())
+    assert check["abs_diff"] <= 1e-4
     assert list((pipeline["run"] / "tensorboard").glob("events.out.tfevents.*"))
     # held-out generation during training: one instance per test task, official scores per step
     for step in (4, 8):
