@@ -44,13 +44,7 @@ def _prepare(a) -> int:
         max_instances_per_task=a.max_instances_per_task, max_eval_instances_per_task=a.max_eval_instances_per_task,
         num_pos_examples=a.num_pos_examples, add_definition=not a.no_definition, overflow=a.overflow, seed=a.seed,
         max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite, pack=not a.no_pack))
-    for split, info in m["splits"].items():
-        c = info["counts"]
-        print(f"{split}: {len(info['tasks'])} tasks, read {c['read']} = written {c['written']} + rejected "
-              f"{sum(c['rejected'].values())} {c['rejected'] or ''}; {info['rows']} rows of {m['seq_len']} tokens, "
-              f"{info['trainable_tokens']} trainable tokens, packing efficiency {info['packing_efficiency']:.4f}")
-    print(f"wrote {a.out}/manifest.json ({m['seconds']:.1f} s)")
-    return 0
+    return _print_splits(m, a.out)
 
 
 def _prepare_sources(a) -> int:
@@ -68,16 +62,19 @@ def _prepare_sources(a) -> int:
         c = s["counts"]
         print(f"{s['path']}: {s['format']}, template {s['template']}: read {c['read']} = written {c['written']} + "
               f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}")
-    if "test" in m["splits"]:
-        t = m["splits"]["test"]
-        print(f"test (held-out tasks {m['heldout_tasks']}): {t['counts']['written']} examples, {t['rows']} rows, "
-              f"{t['eval_instances']} eval instances")
-    info = m["splits"]["train"]
-    c = info["counts"]
-    print(f"train: read {c['read']} = written {c['written']} + rejected {sum(c['rejected'].values())}; "
-          f"{info['rows']} rows of {m['seq_len']} tokens ({m['packing']}), {info['trainable_tokens']} trainable "
-          f"tokens, packing efficiency {info['packing_efficiency']:.4f}")
-    print(f"wrote {a.out}/manifest.json ({m['seconds']:.1f} s)")
+    return _print_splits(m, a.out)
+
+
+def _print_splits(m: dict, out) -> int:
+    """One line per split: counts (read = written + rejected), rows, trainable tokens, packing efficiency."""
+    for split, info in m["splits"].items():
+        c = info["counts"]
+        print(f"{split}: {len(info['tasks'])} tasks, read {c['read']} = written {c['written']} + rejected "
+              f"{sum(c['rejected'].values())} {c['rejected'] or ''}; {info['rows']} rows of {m['seq_len']} tokens "
+              f"({m['packing']}), {info['trainable_tokens']} trainable tokens, packing efficiency "
+              f"{info['packing_efficiency']:.4f}" + (f", {info['eval_instances']} eval instances"
+                                                     if "eval_instances" in info else ""))
+    print(f"wrote {out}/manifest.json ({m['seconds']:.1f} s)")
     return 0
 
 

@@ -150,6 +150,22 @@ def _write_split(out_dir, split, tasks, read, rejected, rendered, examples, seq_
     }
 
 
+def _write_manifest(manifest: dict, opts, tok, heldout: list, splits: dict, t0: float) -> dict:
+    """Adds the keys every preparation shares and writes ``manifest.json`` last, atomically."""
+    manifest.update({
+        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
+        "packing": "best_fit_decreasing" if opts.pack else "none",
+        "overflow": opts.overflow,
+        "seq_len": opts.seq_len,
+        "seed": opts.seed,
+        "heldout_tasks": heldout,
+        "splits": splits,
+        "seconds": round(time.time() - t0, 3),
+    })
+    shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def _tokenizer_info(path, tok) -> dict:
     return {"path": str(path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
@@ -202,19 +218,10 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         "source": {"kind": "superni", "path": str(opts.superni_dir), "num_pos_examples": opts.num_pos_examples,
                    "add_definition": opts.add_definition, "max_instances_per_task": opts.max_instances_per_task},
         "source_files": files,
-        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
         "template": "completion",
         "prompt_format": "tk_instruct",
-        "packing": "best_fit_decreasing" if opts.pack else "none",
-        "overflow": opts.overflow,
-        "seq_len": opts.seq_len,
-        "seed": opts.seed,
-        "heldout_tasks": test_tasks,
-        "splits": splits,
-        "seconds": round(time.time() - t0, 3),
     }
-    shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return _write_manifest(manifest, opts, tok, test_tasks, splits, t0)
 
 
 @dataclass
@@ -411,15 +418,6 @@ def prepare_sources(opts: SourcesOptions) -> dict:
                    "on_error": opts.on_error, "max_bad_fraction": opts.max_bad_fraction},
         "source_files": {s["path"]: s["sha256"] for s in sources},
         "sources": sources,
-        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
         "template": templates[0] if len(templates) == 1 else "per_source",
-        "packing": "best_fit_decreasing" if opts.pack else "none",
-        "overflow": opts.overflow,
-        "seq_len": opts.seq_len,
-        "seed": opts.seed,
-        "heldout_tasks": heldout,
-        "splits": splits,
-        "seconds": round(time.time() - t0, 3),
     }
-    shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return _write_manifest(manifest, opts, tok, heldout, splits, t0)
