@@ -88,3 +88,26 @@ def test_resume_on_one_rank_from_two(prepared):
     assert abs(got[saved]["loss"] - ref[saved]["loss"]) < 1e-5
     for a, b in zip(got[saved:], ref[saved:]):
         assert abs(a["loss"] - b["loss"]) < 1e-2, (a, b)
+
+
+def test_a_dead_rank_ends_the_job_quickly(prepared):
+    """kill -9 of one rank: the launcher stops the other and exits non-zero within a bounded time (no hang)."""
+    tmp, data, _ = prepared
+    run = tmp / "killed"
+    cmd = deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", "train.max_steps=200",
+                        "train.progress_bar=false", "checkpoint.export=false", f"output_dir={run}",
+                        f"data.path={data}")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not ((run / "losses.jsonl").exists() and _losses(run)):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    ranks = [c for c in psutil.Process(p.pid).children(recursive=True)
+             if any(a.startswith("--local_rank=1") for a in c.cmdline())]
+    assert len(ranks) == 1
+    t0 = time.time()
+    ranks[0].kill()
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert time.time() - t0 < 60
+    assert len(_losses(run)) < 200
