@@ -111,3 +111,20 @@ def test_a_dead_rank_ends_the_job_quickly(prepared):
     assert p.returncode != 0
     assert time.time() - t0 < 60
     assert len(_losses(run)) < 200
+
+
+def test_resume_on_two_ranks_from_one(prepared):
+    tmp, data, ref = prepared
+    run = tmp / "one_rank"
+    one = deepspeed_cmd(1, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}",
+                        "train.gradient_accumulation_steps=4")  # 8 rows per step, as the 2-rank reference
+    rc, out = _preempt(one, run)
+    assert rc == EXIT_PREEMPTED, out[-3000:]
+    saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    out = run_cmd(deepspeed_cmd(2, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}")).stdout
+    assert "saved with 1 ranks, now 2" in out
+    got = _losses(run)
+    assert [x["step"] for x in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, ref):  # 1 rank x 4 accumulation vs 2 ranks x 2: equal up to float summation order
+        assert abs(a["loss"] - b["loss"]) < 1e-2, (a, b)
+    assert abs(got[saved]["loss"] - ref[saved]["loss"]) < 1e-3
