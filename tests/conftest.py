@@ -27,6 +27,23 @@ def mistral_tokenizer():
     return TextTokenizer.load(MISTRAL)
 
 
+@pytest.fixture(scope="session")
+def superni_data(tmp_path_factory):
+    """``superni_data(seq_len)``: the real SuperNI subset prepared once per seq_len with the mistral tokenizer
+    (through the ``itune-data`` command line), shared by every test module that only reads it."""
+    cache = {}
+
+    def get(seq_len: int) -> Path:
+        if seq_len not in cache:
+            out = tmp_path_factory.mktemp(f"superni_{seq_len}") / "data"
+            run_cmd(["itune-data", "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len",
+                     str(seq_len), "--out", str(out)])
+            cache[seq_len] = out
+        return cache[seq_len]
+
+    return get
+
+
 def deepspeed_cmd(nproc: int, script: str, *args: str) -> list[str]:
     """The real `deepspeed` launcher of this environment, `nproc` local ranks."""
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"

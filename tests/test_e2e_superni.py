@@ -10,18 +10,16 @@ import torch
 from itune.data.shards import open_split, read_manifest
 from itune.loader import PackedRows
 from itune.train import fixed_batch_loss
-from tests.conftest import MISTRAL, SUPERNI, deepspeed_cmd, run_cmd
+from tests.conftest import SUPERNI, deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, superni_data):
     tmp = tmp_path_factory.mktemp("e2e")
-    data, run = tmp / "data", tmp / "run"
-    run_cmd(["itune-data", "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len", "512",
-             "--out", str(data)])
+    data, run = superni_data(512), tmp / "run"
     train = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml",
                                   f"output_dir={run}", f"data.path={data}", f"train.max_steps={STEPS}",
                                   "checkpoint.every_steps=4", "checkpoint.export_checkpoints=true",

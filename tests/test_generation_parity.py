@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import deepspeed_cmd, run_cmd, MISTRAL, SUPERNI
+from tests.conftest import deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -19,11 +19,9 @@ def _preds(d):
 
 
 @pytest.fixture(scope="module")
-def random_run(tmp_path_factory):
+def random_run(tmp_path_factory, superni_data):
     tmp = tmp_path_factory.mktemp("parity")
-    data, run = tmp / "data", tmp / "run"
-    run_cmd(["itune-data", "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len", "512",
-             "--out", str(data)])
+    data, run = superni_data(512), tmp / "run"
     # one step at lr 1e-9: a DeepSpeed checkpoint whose weights are the random initialisation
     run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", f"output_dir={run}",
                           f"data.path={data}", "train.max_steps=1", "optim.lr=1e-9", "optim.warmup_steps=0"))

@@ -4,7 +4,7 @@ micro-batches (sum of token CE / global count of trained tokens; transformers #2
 import pytest
 import torch
 
-from tests.conftest import deepspeed_cmd, run_cmd, MISTRAL, SUPERNI
+from tests.conftest import deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -12,11 +12,9 @@ SPLITS = [(2, 4, 1), (2, 2, 2), (2, 1, 4), (1, 4, 2)]  # (world, micro_batch_siz
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, superni_data):
     tmp = tmp_path_factory.mktemp("split")
-    data = tmp / "data"
-    run_cmd(["itune-data", "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len", "256",
-             "--out", str(data)])
+    data = superni_data(256)
     out = {}
     for world, micro, acc in SPLITS:
         f = tmp / f"w{world}m{micro}a{acc}.pt"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from itune.train import EXIT_PREEMPTED
-from tests.conftest import MISTRAL, ROOT, SUPERNI, deepspeed_cmd, run_cmd
+from tests.conftest import ROOT, deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 6
@@ -43,11 +43,9 @@ def _preempt(cmd, run, after_steps=2, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, superni_data):
     tmp = tmp_path_factory.mktemp("resume")
-    data = tmp / "data"
-    run_cmd(["itune-data", "prepare", "--superni", str(SUPERNI), "--tokenizer", str(MISTRAL), "--seq-len", "256",
-             "--out", str(data)])
+    data = superni_data(256)
     ref = tmp / "uninterrupted"
     run_cmd(deepspeed_cmd(2, "launcher/train.py", *COMMON, f"output_dir={ref}", f"data.path={data}"))
     return tmp, data, _losses(ref)
