@@ -200,17 +200,23 @@ def test_eos_trained_when_pad_equals_eos(mistral_tokenizer):
 def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
     calls = {"encode": 0, "render": 0}
     encode = type(mistral_tokenizer).encode_with_offsets
+    encode_batch = type(mistral_tokenizer).encode_batch_with_offsets
     apply = render_mod.apply_chat_template
 
     def counting_encode(self, text):
         calls["encode"] += 1
         return encode(self, text)
 
+    def counting_encode_batch(self, texts):
+        calls["encode"] += len(texts)
+        return encode_batch(self, texts)
+
     def counting_apply(*a, **k):
         calls["render"] += 1
         return apply(*a, **k)
 
     monkeypatch.setattr(type(mistral_tokenizer), "encode_with_offsets", counting_encode)
+    monkeypatch.setattr(type(mistral_tokenizer), "encode_batch_with_offsets", counting_encode_batch)
     monkeypatch.setattr(render_mod, "apply_chat_template", counting_apply)
     turns = []
     for i in range(200):

@@ -40,9 +40,13 @@ EOS / end-of-turn token; system and user turns and role headers never are.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
+from operator import itemgetter
+
+import numpy as np
 
 from itune.data.sources import Example, RecordError
 from itune.data.tokenizer import TextTokenizer
@@ -273,14 +277,8 @@ def prompt_segments(example: Example, template: str = "completion", tok: TextTok
     return segs[:last]
 
 
-def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
-    """Tokenizes the concatenated segments once and labels tokens by character offsets.
-
-    A token is trainable when its span overlaps a trainable segment. An EOS id is inserted after each segment
-    with ``ends_with_eos`` (before the first token that starts at or after the segment's end), trained when the
-    segment is. The cost is one tokenizer call and one pass over the tokens: linear in the number of turns.
-    """
-    text = "".join(s.text for s in segs)
+def _layout(segs: list[Segment]) -> tuple[str, list[tuple[int, int]], list[tuple[int, bool]]]:
+    """Concatenated text, trainable character ranges ``[start, end)`` and EOS points ``(char position, trained)``."""
     ranges: list[tuple[int, int]] = []
     eos_at: list[tuple[int, bool]] = []
     pos = 0
@@ -291,28 +289,85 @@ def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
         if s.ends_with_eos:
             eos_at.append((end, s.trainable))
         pos = end
-    ids, offsets = tok.encode_with_offsets(text)
-    input_ids: list[int] = []
-    labels: list[int] = []
+    return "".join(s.text for s in segs), ranges, eos_at
+
+
+_START, _END = itemgetter(0), itemgetter(1)
+
+
+def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], ranges, eos_at, tok: TextTokenizer):
+    """BOS + ids with EOS ids inserted, and their labels, as int32 arrays ``[tokens]``.
+
+    Token ``i`` (character span ``[a_i, b_i)``) is trainable when it overlaps a trainable range ``[s, e)``:
+    ``b_i > s and a_i < e``. Offsets of a tokenizer's encoding are non-decreasing, so those tokens are the index
+    interval ``[first i with b_i > s, first i with a_i >= e)``, found by bisection: the cost is O(tokens) array work
+    plus O(segments x log tokens). An EOS closing a segment that ends at character ``p`` goes before the first token
+    with ``a_i >= p``.
+    """
+    n = len(ids)
+    mask = np.zeros(n, dtype=bool)
+    for s, e in ranges:
+        mask[bisect.bisect_right(offsets, s, key=_END):bisect.bisect_left(offsets, e, key=_START)] = True
+    arr = np.asarray(ids, dtype=np.int32)
+    if eos_at:
+        where = [bisect.bisect_left(offsets, p, key=_START) for p, _ in eos_at]
+        arr = np.insert(arr, where, tok.eos_id)
+        mask = np.insert(mask, where, [t for _, t in eos_at])
     if tok.bos_id is not None:
-        input_ids.append(tok.bos_id)
-        labels.append(IGNORE_INDEX)
-    r = e = 0
-    for tid, (a, b) in zip(ids, offsets):
-        while e < len(eos_at) and eos_at[e][0] <= a:
-            # segment e ended before this token: close it with an EOS
-            input_ids.append(tok.eos_id)
-            labels.append(tok.eos_id if eos_at[e][1] else IGNORE_INDEX)
-            e += 1
-        while r < len(ranges) and ranges[r][1] <= a:
-            r += 1
-        trainable = r < len(ranges) and a < ranges[r][1] and b > ranges[r][0]
-        input_ids.append(tid)
-        labels.append(tid if trainable else IGNORE_INDEX)
-    for _, trained in eos_at[e:]:
-        input_ids.append(tok.eos_id)
-        labels.append(tok.eos_id if trained else IGNORE_INDEX)
-    return Rendered(input_ids, labels)
+        arr = np.concatenate([np.asarray([tok.bos_id], dtype=np.int32), arr])
+        mask = np.concatenate([np.zeros(1, dtype=bool), mask])
+    return arr, np.where(mask, arr, np.int32(IGNORE_INDEX)).astype(np.int32)
+
+
+def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
+    """Tokenizes the concatenated segments once and labels tokens by character offsets.
+
+    A token is trainable when its span overlaps a trainable segment. An EOS id is inserted after each segment
+    with ``ends_with_eos`` (before the first token that starts at or after the segment's end), trained when the
+    segment is. The cost is one tokenizer call and one pass over the tokens: linear in the number of turns.
+    """
+    text, ranges, eos_at = _layout(segs)
+    ids, offsets = tok.encode_with_offsets(text)
+    arr, labels = _label_tokens(ids, offsets, ranges, eos_at, tok)
+    return Rendered(arr.tolist(), labels.tolist())
+
+
+def tokenize_segments_batch(segs_list: list[list[Segment]], tok: TextTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`tokenize_segments` for many examples with one batched tokenizer call; returns int32 arrays
+    ``(input_ids [tokens], labels [tokens])`` per example (equal to :func:`tokenize_segments`'s lists)."""
+    layouts = [_layout(segs) for segs in segs_list]
+    encs = tok.encode_batch_with_offsets([t for t, _, _ in layouts])
+    return [_label_tokens(ids, offsets, ranges, eos_at, tok) for (ids, offsets), (_, ranges, eos_at)
+            in zip(encs, layouts)]
+
+
+def fit_to_length(input_ids: np.ndarray, labels: np.ndarray, seq_len: int, overflow: str, head: int):
+    """Applies the over-long policy to one tokenized example (int32 arrays ``[tokens]``).
+
+    Args:
+        head: leading tokens never cut (1 when the tokenizer adds a BOS, else 0).
+
+    Returns:
+        ``(input_ids, labels, None)``, or ``(None, None, reason)`` with reason ``too_long`` or
+        ``no_trainable_tokens``.
+    """
+    n = len(input_ids)
+    if n > seq_len:
+        if overflow == "drop":
+            return None, None, "too_long"
+        if overflow == "truncate_response":
+            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
+        else:
+            trained = np.flatnonzero(labels != IGNORE_INDEX)
+            first_trained = int(trained[0]) if len(trained) else n
+            cut = n - seq_len
+            if first_trained - head < cut:
+                return None, None, "too_long"
+            input_ids = np.concatenate([input_ids[:head], input_ids[head + cut:]])
+            labels = np.concatenate([labels[:head], labels[head + cut:]])
+    if not np.any(labels != IGNORE_INDEX):
+        return None, None, "no_trainable_tokens"
+    return input_ids, labels, None
 
 
 def render(example: Example, tok: TextTokenizer, seq_len: int, template: str = "completion",
@@ -328,28 +383,35 @@ def render(example: Example, tok: TextTokenizer, seq_len: int, template: str = "
         :class:`~itune.data.sources.RecordError` reason of an example the template cannot render
         (``template_mismatch``, ``template_error``, ``reserved_character``).
     """
+    [(r, reason)] = render_batch([example], tok, seq_len, template, overflow, train_on)
+    if r is None:
+        return None, reason
+    return Rendered(r[0].tolist(), r[1].tolist()), None
+
+
+def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
+                 overflow: str = "truncate_prompt_left", train_on: str = "all"):
+    """:func:`render` for many examples with one batched tokenizer call.
+
+    Returns:
+        Per example ``((input_ids, labels), None)`` with int32 arrays ``[tokens]`` (tokens <= ``seq_len``), or
+        ``(None, reason)``.
+    """
     if overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"unknown overflow policy {overflow!r}; choose one of {OVERFLOW_POLICIES}")
-    try:
-        r = tokenize_segments(segments(example, template, tok, train_on), tok)
-    except RecordError as e:
-        return None, e.reason
-    n = len(r.input_ids)
-    if n > seq_len:
-        if overflow == "drop":
-            return None, "too_long"
-        if overflow == "truncate_response":
-            r = Rendered(r.input_ids[:seq_len], r.labels[:seq_len])
-        else:
-            head = 1 if tok.bos_id is not None else 0
-            first_trained = next((i for i, x in enumerate(r.labels) if x != IGNORE_INDEX), n)
-            cut = n - seq_len
-            if first_trained - head < cut:
-                return None, "too_long"
-            r = Rendered(r.input_ids[:head] + r.input_ids[head + cut:], r.labels[:head] + r.labels[head + cut:])
-    if r.num_trainable == 0:
-        return None, "no_trainable_tokens"
-    return r, None
+    out: list = [None] * len(examples)
+    todo, segs_list = [], []
+    for i, ex in enumerate(examples):
+        try:
+            segs_list.append(segments(ex, template, tok, train_on))
+            todo.append(i)
+        except RecordError as e:
+            out[i] = (None, e.reason)
+    head = 1 if tok.bos_id is not None else 0
+    for i, (ids, labels) in zip(todo, tokenize_segments_batch(segs_list, tok)):
+        ids, labels, reason = fit_to_length(ids, labels, seq_len, overflow, head)
+        out[i] = ((ids, labels), None) if reason is None else (None, reason)
+    return out
 
 
 def render_prompt(example: Example, tok: TextTokenizer, template: str = "completion") -> list[int]:
