@@ -10,6 +10,7 @@
     itune-data train-tokenizer --superni runs/demo/suite --vocab-size 1024 --out runs/demo/tokenizer
     itune-data verify runs/data/superni_512
     itune-data inspect runs/data/superni_512 --rows 1
+    itune-data stats runs/data/superni_512 --split train    # writes runs/data/superni_512/stats-train.png
 """
 
 from __future__ import annotations
@@ -154,6 +155,21 @@ def _inspect(a) -> int:
     return 0
 
 
+def _stats(a) -> int:
+    from itune.data.stats import length_stats, write_stats_png
+
+    s = length_stats(a.data, a.split)
+    out = Path(a.out) if a.out else Path(a.data) / f"stats-{a.split}.png"
+    el = s["example_length"]
+    print(f"{a.split}: {s['examples']} examples in {s['rows']} rows of {s['seq_len']} tokens; {s['tokens']} tokens "
+          f"({s['trainable_tokens']} trainable, {s['padding_tokens']} padding), packing efficiency "
+          f"{s['packing_efficiency']:.4f}; example length mean {el['mean']:.1f}, median {el['median']:g}, "
+          f"max {el['max']}")
+    write_stats_png(s, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="itune-data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +228,11 @@ def main(argv=None) -> int:
     q.add_argument("--split", default="train")
     q.add_argument("--rows", type=int, default=1)
     q.set_defaults(fn=_inspect)
+    q = sub.add_parser("stats", help="plot example lengths and row fill of a split to a PNG")
+    q.add_argument("data")
+    q.add_argument("--split", default="train")
+    q.add_argument("--out", help="PNG path (default DATA/stats-SPLIT.png)")
+    q.set_defaults(fn=_stats)
     a = p.parse_args(argv)
     from itune.errors import ItuneError
 
