@@ -13,7 +13,8 @@ prefixed with a distinct random number so that no two records are equal. It is w
 
 Methods, each in its own subprocess (so peak memory is per method):
 
-- ``itune``: ``itune-data prepare --input corpus.jsonl --format prompt_completion --seq-len 2048`` followed by
+- ``itune``: ``itune-data prepare --input corpus.jsonl --format prompt_completion --seq-len 2048 --num-proc 2``
+  (2 worker processes, as (b)'s ``num_proc=2``) followed by
   ``itune-data verify`` (JSONL in, verified packed shards out). Tokens and packing efficiency from the manifest.
 - ``floor`` (a): the records already parsed in memory, ``tokenizers.Tokenizer.encode_batch`` of the
   prompt + " " + completion strings in 2 forked worker processes (one per core, Rust-side parallelism off).
@@ -144,7 +145,7 @@ def run_itune(corpus: Path, tokenizer: Path, seq_len: int, work: Path) -> dict:
     exe = Path(sys.executable).parent / "itune-data"
     cmd = [str(exe) if exe.exists() else "itune-data"]
     prep = cmd + ["prepare", "--input", str(corpus), "--format", "prompt_completion", "--tokenizer", str(tokenizer),
-                  "--seq-len", str(seq_len), "--out", str(out)]
+                  "--seq-len", str(seq_len), "--num-proc", "2", "--out", str(out)]
     t0 = time.perf_counter()
     subprocess.run(prep, check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()

@@ -8,6 +8,10 @@
     itune-data prepare --input qa.jsonl --field prompt=question --field completion=answer --template completion ...
     itune-data synthetic-suite --out runs/demo/suite            # the embedded default task suite
     itune-data train-tokenizer --superni runs/demo/suite --vocab-size 1024 --out runs/demo/tokenizer
+    itune-data prepare --input a.jsonl --input b.json --num-proc 2 --tokenizer TOK --seq-len 2048 --out runs/data/mix
+    itune-data prepare --mixture configs/mixture_example.yaml --tokenizer TOK --out runs/data/mix
+    itune-data prepare --input a.jsonl ... --num-shards 2 --shard-index 0 --out OUT   # one slice (job array task)
+    itune-data merge OUT                                                            # after every slice
     itune-data verify runs/data/superni_512
     itune-data inspect runs/data/superni_512 --rows 1
     itune-data stats runs/data/superni_512 --split train    # writes runs/data/superni_512/stats-train.png
@@ -24,13 +28,14 @@ from pathlib import Path
 def _prepare(a) -> int:
     from itune.data.prepare import PrepareOptions, prepare_superni
 
-    if bool(a.superni) == bool(a.input):
-        print("error: give either --superni DIR or one or more --input FILE", file=sys.stderr)
+    if bool(a.superni) == bool(a.input or a.mixture):
+        print("error: give either --superni DIR or one or more --input FILE (or --mixture FILE)", file=sys.stderr)
         return 2
-    if a.input:
+    if a.input or a.mixture:
         return _prepare_sources(a)
     given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction",
-                                                  "task_field", "heldout_tasks")
+                                                  "task_field", "heldout_tasks", "max_per_task", "shard_index",
+                                                  "num_shards")
              if getattr(a, k) not in (None, [], "auto", "raise")]
     if a.train_on != "all":
         given.append("--train-on")
@@ -49,21 +54,44 @@ def _prepare(a) -> int:
 
 
 def _prepare_sources(a) -> int:
-    from itune.data.prepare import SourcesOptions, prepare_sources
+    from itune.data.prepare import SourcesOptions, load_mixture, prepare_sources
     from itune.data.sources import parse_field_mapping
 
+    inputs: list = [Path(p) for p in a.input]
+    max_per_task = a.max_per_task
+    if a.mixture:
+        entries, cap = load_mixture(a.mixture)
+        inputs += entries
+        max_per_task = max_per_task if max_per_task is not None else cap
     m = prepare_sources(SourcesOptions(
-        inputs=[Path(p) for p in a.input], tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
+        inputs=inputs, tokenizer=Path(a.tokenizer), out_dir=Path(a.out), seq_len=a.seq_len,
         format=a.format, template=a.template, fields=parse_field_mapping(a.field), train_on=a.train_on,
         on_error=a.on_error, max_bad_fraction=a.max_bad_fraction, overflow=a.overflow, seed=a.seed,
         max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite,
         task_field=a.task_field, heldout_tasks=[t for t in (a.heldout_tasks or "").split(",") if t],
-        max_eval_instances_per_task=a.max_eval_instances_per_task))
+        max_eval_instances_per_task=a.max_eval_instances_per_task, max_per_task=max_per_task,
+        num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices))
+    if "splits" not in m:  # one slice of a job array: the merge writes the manifest
+        print(f"slice {m['index']} of {m['num_slices']}: {len(m['chunks'])} chunks, {m['tokens']} tokens written "
+              f"to {Path(a.out) / 'slices'}; when every slice is done: itune-data merge {a.out}")
+        return 0
+    return _print_sources(m, a.out)
+
+
+def _merge(a) -> int:
+    from itune.data.pipeline import merge_slices
+
+    return _print_sources(merge_slices(Path(a.out), keep_slices=a.keep_slices), a.out)
+
+
+def _print_sources(m: dict, out) -> int:
     for s in m["sources"]:
         c = s["counts"]
         print(f"{s['path']}: {s['format']}, template {s['template']}: read {c['read']} = written {c['written']} + "
-              f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}")
-    return _print_splits(m, a.out)
+              f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}"
+              + (f"; mixture weight {s['weight']:g}: {s['mixture']['examples']} of {s['mixture']['available']} "
+                 f"examples written" if s.get("weight", 1.0) != 1.0 or m["mixture"]["max_per_task"] else ""))
+    return _print_splits(m, out)
 
 
 def _print_splits(m: dict, out) -> int:
@@ -195,6 +223,17 @@ def main(argv=None) -> int:
     q.add_argument("--task-field", help="record field naming each example's task (e.g. category)")
     q.add_argument("--heldout-tasks", help="comma-separated task names (values of --task-field) written to the "
                    "held-out split 'test' with eval instances, never to 'train'")
+    q.add_argument("--mixture", metavar="YAML", help="mixture file: sources with per-source weight, template, "
+                   "format, name, and an optional max_per_task (see README, Mixtures)")
+    q.add_argument("--max-per-task", type=int, default=None,
+                   help="cap on training examples per task (examples-proportional mixing with a cap)")
+    q.add_argument("--num-proc", type=int, default=1,
+                   help="worker processes that parse, render and tokenize (output identical for any value)")
+    q.add_argument("--shard-index", type=int, default=None,
+                   help="prepare only this slice of the inputs (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
+    q.add_argument("--num-shards", type=int, default=None,
+                   help="number of slices (default: SLURM_ARRAY_TASK_COUNT, else 1); combine with itune-data merge")
+    q.add_argument("--keep-slices", action="store_true", help="keep OUT/slices (tokenized examples) after merging")
     q.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     q.add_argument("--out", required=True)
     q.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")
@@ -210,6 +249,10 @@ def main(argv=None) -> int:
     q.add_argument("--max-rows-per-shard", type=int, default=4096)
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=_prepare)
+    q = sub.add_parser("merge", help="combine the slices of a job-array preparation into shards + one manifest")
+    q.add_argument("out", help="the --out directory every slice was prepared into")
+    q.add_argument("--keep-slices", action="store_true")
+    q.set_defaults(fn=_merge)
     q = sub.add_parser("synthetic-suite", help="write the embedded default task suite (SuperNI format)")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)

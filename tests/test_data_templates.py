@@ -200,7 +200,7 @@ def test_eos_trained_when_pad_equals_eos(mistral_tokenizer):
 def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
     calls = {"encode": 0, "render": 0}
     encode = type(mistral_tokenizer).encode_with_offsets
-    encode_batch = type(mistral_tokenizer).encode_batch_with_offsets
+    encode_batch = type(mistral_tokenizer).encode_batch
     apply = render_mod.apply_chat_template
 
     def counting_encode(self, text):
@@ -216,7 +216,7 @@ def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
         return apply(*a, **k)
 
     monkeypatch.setattr(type(mistral_tokenizer), "encode_with_offsets", counting_encode)
-    monkeypatch.setattr(type(mistral_tokenizer), "encode_batch_with_offsets", counting_encode_batch)
+    monkeypatch.setattr(type(mistral_tokenizer), "encode_batch", counting_encode_batch)
     monkeypatch.setattr(render_mod, "apply_chat_template", counting_apply)
     turns = []
     for i in range(200):

@@ -8,6 +8,7 @@ records are also written, with their reason and location, to ``rejects.jsonl``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -17,9 +18,9 @@ from pathlib import Path
 from itune import __version__
 from itune.data import pack, shards
 from itune.data.render import IGNORE_INDEX, TEMPLATES, TRAIN_ON, render, render_prompt
-from itune.data.sources import FORMATS, read_source, read_split_file, read_superni_task, sniff_format, superni_task_path
+from itune.data.sources import FORMATS, read_split_file, read_superni_task, sniff_format, superni_task_path
 from itune.data.tokenizer import TextTokenizer
-from itune.errors import ConfigError, DataFormatError
+from itune.errors import ConfigError
 
 #: Template used for each input format when none is given.
 DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "completion", "messages": "chat", "sharegpt": "chat"}
@@ -245,6 +246,19 @@ class SourcesOptions:
         max_bad_fraction: with ``skip``, fail when more than this fraction of the records read are bad
             (rejected by a reader; over-long examples are not "bad"). None = no limit.
         overflow / seed / max_rows_per_shard / pack / overwrite: as :class:`PrepareOptions`.
+        task_field / heldout_tasks: examples whose task (this record field) is named go to split ``test``
+            (rows + the first ``max_eval_instances_per_task`` per task as eval instances), never to ``train``.
+        max_per_task: cap on training examples per task (a seeded random subset of a larger task), applied before
+            the source weights: examples-proportional mixing with a cap (T5, Raffel et al. 2020, sec. 3.5.2;
+            FLAN). None = no cap.
+        num_proc: worker processes that parse, render and tokenize (the output is identical for any value).
+        shard_index / num_shards: prepare only slice ``shard_index`` of ``num_shards`` (a Slurm job array task);
+            None = from ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``, else one slice.
+        keep_slices: keep ``out_dir/slices`` (tokenized examples) after the merge.
+        chunk_records: records per unit of work (per source).
+
+    ``inputs`` items are paths, or dicts ``{"path", "weight", "template", "format", "name"}`` (a mixture entry;
+    missing keys take the run's values, weight 1).
     """
 
     inputs: list
@@ -265,19 +279,12 @@ class SourcesOptions:
     task_field: str | None = None
     heldout_tasks: list = None
     max_eval_instances_per_task: int = 100
-
-
-def _eval_records(examples, tok, template_of, cap: int) -> list[dict]:
-    """The first ``cap`` examples of each task as eval records (prompt ids from the training renderer)."""
-    per_task: Counter = Counter()
-    out = []
-    for ex in examples:
-        if per_task[ex.task] < cap:
-            per_task[ex.task] += 1
-            out.append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
-                        "track": "default", "references": ex.references,
-                        "prompt_ids": render_prompt(ex, tok, template_of(ex))})
-    return out
+    max_per_task: int | None = None
+    num_proc: int = 1
+    shard_index: int | None = None
+    num_shards: int | None = None
+    keep_slices: bool = False
+    chunk_records: int = 1024
 
 
 def _check_sources_options(opts: SourcesOptions) -> None:
@@ -298,9 +305,26 @@ def _check_sources_options(opts: SourcesOptions) -> None:
         problems.append(f"max_bad_fraction {opts.max_bad_fraction}: must be in [0, 1]")
     if opts.max_bad_fraction is not None and opts.on_error != "skip":
         problems.append("max_bad_fraction applies with on_error='skip' only")
-    for p in opts.inputs:
+    for item in opts.inputs:
+        p = item["path"] if isinstance(item, dict) else item
         if not Path(p).is_file():
             problems.append(f"{p}: input file not found")
+        if isinstance(item, dict):
+            w = item.get("weight", 1.0)
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                problems.append(f"{p}: weight {w!r} must be a number >= 0")
+            unknown = sorted(set(item) - {"path", "weight", "template", "format", "name"})
+            if unknown:
+                problems.append(f"{p}: unknown mixture keys {unknown} (allowed: path, weight, template, format, "
+                                f"name)")
+            if item.get("template") is not None and item["template"] not in TEMPLATES:
+                problems.append(f"{p}: template {item['template']!r}: choose one of {TEMPLATES}")
+            if item.get("format") not in (None, "auto") and item["format"] not in FORMATS:
+                problems.append(f"{p}: format {item['format']!r}: choose auto or one of {FORMATS}")
+    if opts.max_per_task is not None and opts.max_per_task < 1:
+        problems.append(f"max_per_task {opts.max_per_task}: must be >= 1")
+    if opts.num_proc < 1:
+        problems.append(f"num_proc {opts.num_proc}: must be >= 1")
     if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
         problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
     if opts.heldout_tasks and not opts.task_field:
@@ -309,11 +333,97 @@ def _check_sources_options(opts: SourcesOptions) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _specs(opts: SourcesOptions, tok: TextTokenizer) -> list:
+    """Every input's format and template, resolved (or refused) before any work."""
+    from itune.data.pipeline import SourceSpec
+
+    specs = []
+    for item in opts.inputs:
+        d = dict(item) if isinstance(item, dict) else {"path": item}
+        path = Path(d["path"])
+        fmt = d.get("format") or opts.format
+        fmt = sniff_format(path, opts.fields) if fmt == "auto" else fmt
+        template = d.get("template") or opts.template or DEFAULT_TEMPLATE[fmt]
+        if template == "tokenizer" and not tok.chat_template:
+            raise ConfigError(f"{opts.tokenizer}: --template tokenizer, but the tokenizer has no chat template")
+        specs.append(SourceSpec(str(path), d.get("name") or path.stem, fmt, template, float(d.get("weight", 1.0))))
+    return specs
+
+
+def load_mixture(path: str | Path) -> tuple[list[dict], int | None]:
+    """Reads a mixture file; returns its source entries (paths resolved against the file's folder) and its
+    ``max_per_task``.
+
+    Format (YAML)::
+
+        sources:
+          - path: ../shared/data/alpaca_libre/alpaca_libre_tasks_v3.jsonl
+            weight: 0.5          # round(0.5 * n) examples: a seeded half
+            template: alpaca     # optional: per-source template (default: per format)
+          - path: chats.json
+            weight: 2            # every example twice
+            name: chat           # optional: task name of its examples (default: the file stem)
+        max_per_task: 1000       # optional: cap per task before weighting
+
+    Raises:
+        ConfigError: unreadable YAML or a malformed entry (file and entry named).
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the mixture file ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list) or not doc["sources"]:
+        raise ConfigError(f"{path}: a mixture file is a mapping with a non-empty list 'sources' "
+                          "(each entry: path, optional weight, template, format, name)")
+    unknown = sorted(set(doc) - {"sources", "max_per_task"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown} (allowed: sources, max_per_task)")
+    out = []
+    for i, e in enumerate(doc["sources"]):
+        if isinstance(e, str):
+            e = {"path": e}
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise ConfigError(f"{path}: sources[{i}] must be a mapping with a 'path' string, found {e!r}")
+        p = Path(e["path"])
+        out.append(dict(e, path=p if p.is_absolute() else path.parent / p))
+    cap = doc.get("max_per_task")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool)):
+        raise ConfigError(f"{path}: max_per_task must be an integer, found {cap!r}")
+    return out, cap
+
+
+def slice_from_env(shard_index: int | None, num_shards: int | None, env=None) -> tuple[int, int]:
+    """``(shard_index, num_shards)`` of this preparation: the given values, else the Slurm job array's
+    (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else ``(0, 1)``.
+
+    Raises:
+        ConfigError: an index outside ``[0, num_shards)``, or only one of the two given.
+    """
+    env = os.environ if env is None else env
+    if num_shards is None and shard_index is None and env.get("SLURM_ARRAY_TASK_COUNT"):
+        num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
+        shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if (num_shards is None) != (shard_index is None):
+        raise ConfigError("give both --shard-index and --num-shards (or neither)")
+    num_shards, shard_index = num_shards or 1, shard_index or 0
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index {shard_index} of --num-shards {num_shards}: the index must be in "
+                          f"[0, {num_shards}) (a Slurm array must be numbered contiguously)")
+    return shard_index, num_shards
+
+
 def prepare_sources(opts: SourcesOptions) -> dict:
     """Reads every input, renders, masks, packs and shards them as split ``train``; returns the manifest.
 
-    The manifest has the keys of :func:`prepare_superni` (``heldout_tasks`` empty, no eval file) plus
-    ``sources``: per input file its path, sha256, format, template and counts (read = written + rejected).
+    Runs :mod:`itune.data.pipeline`: with ``num_shards`` 1, the one slice and the merge; with ``num_shards`` N > 1,
+    only slice ``shard_index`` (``itune-data merge OUT`` combines the N slices), returning the slice summary.
+
+    The manifest has the keys of :func:`prepare_superni` plus ``sources`` (per input file its path, sha256,
+    format, template, weight, counts (read = written + rejected) and realised mixture), ``mixture``,
+    ``template_fingerprint`` and, per split, ``length_histogram`` / ``row_fill_histogram``.
 
     Raises:
         ConfigError: bad options, a missing input, an output directory that already holds prepared data, or the
@@ -321,103 +431,30 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         DataFormatError: a file that cannot be read or whose format cannot be detected; with ``on_error="raise"``
             the first bad record (file and line); with ``skip``, more bad records than ``max_bad_fraction``.
     """
-    t0 = time.time()
-    opts.inputs = [Path(p) for p in opts.inputs]
+    from itune.data import pipeline
+
+    opts.inputs = [x if isinstance(x, dict) else Path(x) for x in opts.inputs]
     opts.out_dir, opts.tokenizer = Path(opts.out_dir), Path(opts.tokenizer)
     opts.fields = dict(opts.fields or {})
     _check_sources_options(opts)
+    shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
     tok = TextTokenizer.load(opts.tokenizer)
-    plan = []
-    for path in opts.inputs:  # every file's format is known (or refused) before any work
-        fmt = sniff_format(path, opts.fields) if opts.format == "auto" else opts.format
-        template = opts.template or DEFAULT_TEMPLATE[fmt]
-        if template == "tokenizer" and not tok.chat_template:
-            raise ConfigError(f"{opts.tokenizer}: --template tokenizer, but the tokenizer has no chat template")
-        plan.append((path, fmt, template))
+    specs = _specs(opts, tok)
+    plan = pipeline.PipelinePlan(
+        sources=specs, source_sha256=[shards.sha256_file(s.path) for s in specs], tokenizer=str(opts.tokenizer),
+        tokenizer_info=_tokenizer_info(opts.tokenizer, tok), seq_len=opts.seq_len, fields=opts.fields,
+        train_on=opts.train_on, overflow=opts.overflow, on_error=opts.on_error,
+        max_bad_fraction=opts.max_bad_fraction, task_field=opts.task_field,
+        heldout_tasks=list(opts.heldout_tasks or []), max_eval_instances_per_task=opts.max_eval_instances_per_task,
+        max_per_task=opts.max_per_task, seed=opts.seed, pack=opts.pack, max_rows_per_shard=opts.max_rows_per_shard,
+        template_fingerprint=pipeline.template_fingerprint([s.template for s in specs], tok),
+        num_slices=num_shards, chunk_records=opts.chunk_records,
+        source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
+                     "task_field": opts.task_field, "on_error": opts.on_error,
+                     "max_bad_fraction": opts.max_bad_fraction})
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
-    rejects: list[dict] = []
-    rendered, examples, sources = [], [], []
-    template_by_id: dict = {}
-    read = bad = 0
-    rejected: Counter = Counter()
-    for path, fmt, template in plan:
-        s_read, s_rejected, s_written = 0, Counter(), 0
-        for ex, err, loc in read_source(path, fmt, opts.fields, task_field=opts.task_field):
-            s_read += 1
-            if err is not None:
-                if opts.on_error == "raise":
-                    raise DataFormatError(f"{err} (pass --on-error skip to count and skip bad records)") from err
-                bad += 1
-                reason, message = err.reason, err.detail
-            else:
-                r, reason = render(ex, tok, opts.seq_len, template, opts.overflow, opts.train_on)
-                message = None
-            if reason is not None:
-                s_rejected[reason] += 1
-                rejects.append({"split": "train", "source": str(path), "record": loc,
-                                "id": ex.id if ex is not None else None, "reason": reason,
-                                **({"message": message} if message else {})})
-                continue
-            s_written += 1
-            rendered.append(r)
-            examples.append(ex)
-            template_by_id[id(ex)] = template
-        if s_read == 0:
-            raise DataFormatError(f"{path}: no record found (an empty file?)")
-        read += s_read
-        rejected.update(s_rejected)
-        sources.append({"path": str(path), "sha256": shards.sha256_file(path), "name": path.stem, "format": fmt,
-                        "template": template,
-                        "counts": {"read": s_read, "written": s_written,
-                                   "rejected": {k: s_rejected[k] for k in sorted(s_rejected)}}})
-    shards.atomic_write_text(opts.out_dir / "rejects.jsonl",
-                             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    if opts.max_bad_fraction is not None and bad > opts.max_bad_fraction * read:
-        raise DataFormatError(
-            f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {opts.max_bad_fraction}; "
-            f"reasons {dict(rejected)}; every one is listed in {opts.out_dir / 'rejects.jsonl'}")
-    heldout = list(opts.heldout_tasks or [])
-    splits = {}
-    if heldout:  # examples of the named tasks form the held-out split "test" (rows + eval instances)
-        present = {e.task for e in examples}
-        missing = [t for t in heldout if t not in present]
-        if missing:
-            raise ConfigError(f"held-out tasks {missing} have no example (tasks found via --task-field "
-                              f"{opts.task_field!r}: {sorted(present)[:20]})")
-        parts = {"train": [i for i, e in enumerate(examples) if e.task not in heldout],
-                 "test": [i for i, e in enumerate(examples) if e.task in heldout]}
-        rej_by_split = {"train": Counter(), "test": Counter()}
-        for r in rejects:  # rejected records whose task is known are counted in that task's split
-            rej_by_split["train"][r["reason"]] += 1
-        for split, idx in parts.items():
-            ex_s = [examples[i] for i in idx]
-            tasks = list(dict.fromkeys(e.task for e in ex_s))
-            rej = rej_by_split[split]
-            info = _write_split(opts.out_dir, split, tasks, len(idx) + sum(rej.values()), rej,
-                                [rendered[i] for i in idx], ex_s, opts.seq_len, tok.pad_id, opts.seed, opts.pack,
-                                opts.max_rows_per_shard)
-            if split == "test":
-                recs = _eval_records(ex_s, tok, lambda e: template_by_id[id(e)], opts.max_eval_instances_per_task)
-                shards.atomic_write_text(opts.out_dir / "test_eval.jsonl",
-                                         "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
-                info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
-                            eval_sha256=shards.sha256_file(opts.out_dir / "test_eval.jsonl"))
-            splits[split] = info
-    else:
-        tasks = (list(dict.fromkeys(e.task for e in examples)) if opts.task_field
-                 else list(dict.fromkeys(p.stem for p in opts.inputs)))
-        splits["train"] = _write_split(opts.out_dir, "train", tasks, read, rejected, rendered, examples,
-                                       opts.seq_len, tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
-    templates = sorted({t for _, _, t in plan})
-    manifest = {
-        "format_version": shards.FORMAT_VERSION,
-        "created_by": f"itune {__version__}",
-        "source": {"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
-                   "task_field": opts.task_field,
-                   "on_error": opts.on_error, "max_bad_fraction": opts.max_bad_fraction},
-        "source_files": {s["path"]: s["sha256"] for s in sources},
-        "sources": sources,
-        "template": templates[0] if len(templates) == 1 else "per_source",
-    }
-    return _write_manifest(manifest, opts, tok, heldout, splits, t0)
+    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
+    if num_shards > 1:
+        return summary
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices)

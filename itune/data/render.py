@@ -44,7 +44,6 @@ import bisect
 import json
 import re
 from dataclasses import dataclass
-from operator import itemgetter
 
 import numpy as np
 
@@ -292,31 +291,49 @@ def _layout(segs: list[Segment]) -> tuple[str, list[tuple[int, int]], list[tuple
     return "".join(s.text for s in segs), ranges, eos_at
 
 
-_START, _END = itemgetter(0), itemgetter(1)
+class _EncodingSpans:
+    """``starts``/``ends`` views of a tokenizers ``Encoding`` read one token at a time (``token_to_chars``), so
+    bisection needs O(log tokens) lookups and the offsets list is never built."""
+
+    def __init__(self, enc, part: int):
+        self.enc, self.part, self.n = enc, part, len(enc)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return self.enc.token_to_chars(i)[self.part]
 
 
-def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], ranges, eos_at, tok: TextTokenizer):
+def _label_tokens(ids: list[int], starts, ends, ranges, eos_at, tok: TextTokenizer):
     """BOS + ids with EOS ids inserted, and their labels, as int32 arrays ``[tokens]``.
 
-    Token ``i`` (character span ``[a_i, b_i)``) is trainable when it overlaps a trainable range ``[s, e)``:
-    ``b_i > s and a_i < e``. Offsets of a tokenizer's encoding are non-decreasing, so those tokens are the index
-    interval ``[first i with b_i > s, first i with a_i >= e)``, found by bisection: the cost is O(tokens) array work
-    plus O(segments x log tokens). An EOS closing a segment that ends at character ``p`` goes before the first token
-    with ``a_i >= p``.
+    Token ``i`` (character span ``[starts[i], ends[i])``) is trainable when it overlaps a trainable range
+    ``[s, e)``: ``ends[i] > s and starts[i] < e``. Offsets of a tokenizer's encoding are non-decreasing, so those
+    tokens are the index interval ``[first i with ends[i] > s, first i with starts[i] >= e)``, found by bisection:
+    the cost is O(tokens) array work plus O(segments x log tokens) offset lookups. An EOS closing a segment that ends
+    at character ``p`` goes before the first token with ``starts[i] >= p``.
     """
     n = len(ids)
-    mask = np.zeros(n, dtype=bool)
+    mask = bytearray(n)
     for s, e in ranges:
-        mask[bisect.bisect_right(offsets, s, key=_END):bisect.bisect_left(offsets, e, key=_START)] = True
-    arr = np.asarray(ids, dtype=np.int32)
-    if eos_at:
-        where = [bisect.bisect_left(offsets, p, key=_START) for p, _ in eos_at]
-        arr = np.insert(arr, where, tok.eos_id)
-        mask = np.insert(mask, where, [t for _, t in eos_at])
-    if tok.bos_id is not None:
-        arr = np.concatenate([np.asarray([tok.bos_id], dtype=np.int32), arr])
-        mask = np.concatenate([np.zeros(1, dtype=bool), mask])
-    return arr, np.where(mask, arr, np.int32(IGNORE_INDEX)).astype(np.int32)
+        lo, hi = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)
+        if hi > lo:
+            mask[lo:hi] = b"\x01" * (hi - lo)
+    out_ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
+    out_mask = bytearray(len(out_ids))
+    prev = 0
+    for p, trained in eos_at:  # EOS insertion points are non-decreasing
+        w = bisect.bisect_left(starts, p)
+        out_ids += ids[prev:w]
+        out_ids.append(tok.eos_id)
+        out_mask += mask[prev:w]
+        out_mask.append(1 if trained else 0)
+        prev = w
+    out_ids += ids[prev:]
+    out_mask += mask[prev:]
+    arr = np.array(out_ids, dtype=np.int32)
+    return arr, np.where(np.frombuffer(out_mask, dtype=np.uint8).astype(bool), arr, np.int32(IGNORE_INDEX))
 
 
 def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
@@ -328,7 +345,7 @@ def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
     """
     text, ranges, eos_at = _layout(segs)
     ids, offsets = tok.encode_with_offsets(text)
-    arr, labels = _label_tokens(ids, offsets, ranges, eos_at, tok)
+    arr, labels = _label_tokens(ids, [a for a, _ in offsets], [b for _, b in offsets], ranges, eos_at, tok)
     return Rendered(arr.tolist(), labels.tolist())
 
 
@@ -336,9 +353,9 @@ def tokenize_segments_batch(segs_list: list[list[Segment]], tok: TextTokenizer) 
     """:func:`tokenize_segments` for many examples with one batched tokenizer call; returns int32 arrays
     ``(input_ids [tokens], labels [tokens])`` per example (equal to :func:`tokenize_segments`'s lists)."""
     layouts = [_layout(segs) for segs in segs_list]
-    encs = tok.encode_batch_with_offsets([t for t, _, _ in layouts])
-    return [_label_tokens(ids, offsets, ranges, eos_at, tok) for (ids, offsets), (_, ranges, eos_at)
-            in zip(encs, layouts)]
+    encs = tok.encode_batch([t for t, _, _ in layouts])
+    return [_label_tokens(enc.ids, _EncodingSpans(enc, 0), _EncodingSpans(enc, 1), ranges, eos_at, tok)
+            for enc, (_, ranges, eos_at) in zip(encs, layouts)]
 
 
 def fit_to_length(input_ids: np.ndarray, labels: np.ndarray, seq_len: int, overflow: str, head: int):

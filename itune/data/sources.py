@@ -6,6 +6,7 @@ Every reader yields :class:`Example` objects or, for a record that cannot be use
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -295,10 +296,34 @@ def _encodable(s: str) -> bool:
         return False
 
 
-def _iter_json_records(path: Path):
+def decode_jsonl_line(raw: bytes, loc: str, first: bool = False):
+    """One JSONL line -> the record, a :class:`RecordError` (``invalid_utf8`` / ``invalid_json``), or None for a
+    blank line. ``first``: strip a UTF-8 byte order mark."""
+    if first:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RecordError("invalid_utf8", loc, f"not valid UTF-8 at byte {e.start} of the line; "
+                                                "re-encode the file as UTF-8")
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return RecordError("invalid_json", loc, f"not valid JSON ({e.msg} at column {e.colno}); a JSONL "
+                                                "file holds one JSON object per line")
+
+
+def is_json_array(path: Path) -> bool:
+    """True for a JSON array file, False for JSONL (``.jsonl``/``.ndjson``, or a first character other than ``[``)."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if path.suffix.lower() not in JSONL_SUFFIXES and head.startswith(b"["):
+    return path.suffix.lower() not in JSONL_SUFFIXES and head.startswith(b"[")
+
+
+def _iter_json_records(path: Path):
+    if is_json_array(path):
         # a JSON array: decoding errors become lone surrogates, reported per record below
         text = path.read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
         try:
@@ -310,26 +335,19 @@ def _iter_json_records(path: Path):
         for i, rec in enumerate(data):
             yield f"{path}: record {i}", rec
         return
+    for loc, raw, first in iter_jsonl_lines(path):
+        rec = decode_jsonl_line(raw, loc, first)
+        if rec is not None:
+            yield loc, rec
+
+
+def iter_jsonl_lines(path: Path):
+    """Yields ``(location, raw line bytes, is first line)`` for every non-blank line of a JSONL file, undecoded
+    (decoding is left to :func:`decode_jsonl_line`, e.g. in a worker process)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            loc = f"{path}:{lineno}"
-            if lineno == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield loc, RecordError("invalid_utf8", loc, f"not valid UTF-8 at byte {e.start} of the line; "
-                                                            "re-encode the file as UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield loc, RecordError("invalid_json", loc, f"not valid JSON ({e.msg} at column {e.colno}); a JSONL "
-                                                            "file holds one JSON object per line")
-                continue
-            yield loc, rec
+            if raw.strip():
+                yield f"{path}:{lineno}", raw, lineno == 1
 
 
 def _iter_arrow_records(path: Path):
@@ -461,6 +479,11 @@ def _system(r: _Rec) -> list[Message]:
     return [Message("system", s)] if s.strip() else []
 
 
+@functools.lru_cache(maxsize=256)
+def _file_name(source: str) -> str:
+    return Path(source).name
+
+
 def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None,
                  task_field: str | None = None) -> Example:
     """Turns one record of format ``fmt`` into an :class:`Example`.
@@ -522,7 +545,7 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
     if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
         eid = str(rid)
     else:
-        eid = f"{Path(source).name}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
+        eid = f"{_file_name(source)}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
     last = next(m.content for m in reversed(messages) if m.role == "assistant")
     if task_field is not None:  # the task name comes from a field of the record (held-out splits by task)
         value = rec.get(task_field)

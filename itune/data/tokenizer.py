@@ -118,6 +118,10 @@ class TextTokenizer:
         enc = self._tok.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    def encode_batch(self, texts: list[str]):
+        """``tokenizers.Encoding`` objects of ``texts`` without special tokens (parallel in the Rust backend)."""
+        return self._tok.encode_batch(texts, add_special_tokens=False)
+
     def encode_batch_with_offsets(self, texts: list[str]):
         """Batch version of :meth:`encode_with_offsets` (parallel in the Rust backend)."""
         encs = self._tok.encode_batch(texts, add_special_tokens=False)

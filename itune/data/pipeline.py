@@ -1,0 +1,603 @@
+"""Preparation of instruction files at scale: chunks -> worker processes -> slices on disk -> one merge.
+
+Flow of ``itune-data prepare --input ...`` (:func:`itune.data.prepare.prepare_sources`)::
+
+    records of every source, in order ──▶ chunks of CHUNK_RECORDS records (chunk k belongs to slice k % num_slices)
+      ──▶ process_chunk (parse, render, tokenize: a pure function of the chunk, run by --num-proc workers)
+      ──▶ slice directory  OUT/slices/slice-IIIII-of-NNNNN/ : tokens.bin (int32), trained.bin (uint8),
+                          examples.arrow (one row per example), rejects.jsonl, eval.jsonl, slice.json (last)
+      ──▶ merge_slices (every slice, in chunk order = the single-process order): mixture (cap per task, weight per
+          source), held-out split, shuffle examples, best-fit-decreasing over lengths, shuffle rows, shards written
+          batch by batch, manifest.json last.
+
+Why it is exact and bounded:
+
+- Chunks are cut by record count per source, never by worker or slice count, and :func:`process_chunk` depends on
+  the chunk alone, so the examples (and therefore the shards) are identical for any ``--num-proc`` and for any number
+  of slices once merged.
+- A slice keeps tokens on disk. At most ``2 * num_proc`` chunks are in flight. The merge holds per-example
+  metadata (about 40 bytes per example: length, trainable tokens, offsets, ids as Arrow) and one batch of
+  ``WRITE_BATCH_ROWS`` rows; tokens are read back with ``pread``. Peak memory does not grow with the size of
+  the text, only with the number of examples, at that small rate.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from itune import __version__
+from itune.data import pack, shards
+from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS, IGNORE_INDEX, \
+    render_batch, render_prompt
+from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, decode_jsonl_line, is_json_array,
+                                iter_jsonl_lines, iter_records, parse_record)
+from itune.data.tokenizer import TextTokenizer
+from itune.errors import ConfigError, DataFormatError, ManifestError
+from itune.fileio import atomic_write_text
+
+#: Records per chunk (per source; the last chunk of a source may be shorter).
+CHUNK_RECORDS = 1024
+#: Rows built and written at a time by the merge.
+WRITE_BATCH_ROWS = 256
+SLICES_DIR = "slices"
+SLICE_DONE = "slice.json"
+
+EXAMPLES_SCHEMA = pa.schema([
+    ("chunk", pa.int32()), ("source", pa.int32()), ("length", pa.int32()), ("trainable", pa.int32()),
+    ("offset", pa.int64()), ("task", pa.string()), ("id", pa.string()),
+])
+
+
+@dataclass
+class SourceSpec:
+    """One input of a preparation (resolved: format and template known).
+
+    Attributes:
+        path: the file. name: task name of its examples when no task field is given (default: file stem).
+        format / template: see :data:`itune.data.sources.FORMATS`, :data:`itune.data.render.TEMPLATES`.
+        weight: mixture weight: the number of its examples written is ``round(weight * n)`` (n after the per-task
+            cap); 0.5 keeps a seeded half, 2.0 writes each example twice, 2.5 twice plus a seeded half.
+    """
+
+    path: str
+    name: str
+    format: str
+    template: str
+    weight: float = 1.0
+
+
+@dataclass
+class PipelinePlan:
+    """Everything a slice and the merge must agree on (stored in every ``slice.json``; compared by fingerprint)."""
+
+    sources: list
+    source_sha256: list
+    tokenizer: str
+    tokenizer_info: dict
+    seq_len: int
+    fields: dict
+    train_on: str
+    overflow: str
+    on_error: str
+    max_bad_fraction: float | None
+    task_field: str | None
+    heldout_tasks: list
+    max_eval_instances_per_task: int
+    max_per_task: int | None
+    seed: int
+    pack: bool
+    max_rows_per_shard: int
+    template_fingerprint: str
+    num_slices: int = 1
+    chunk_records: int = CHUNK_RECORDS
+    source_kind: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def template_fingerprint(templates: list[str], tok: TextTokenizer) -> str:
+    """sha256 (16 hex) of the template names in use and the text that defines them (Alpaca prompts, chat
+    headers, the tokenizer's chat template)."""
+    h = hashlib.sha256(json.dumps(sorted(set(templates))).encode())
+    h.update(json.dumps([ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS]).encode())
+    if "tokenizer" in templates:
+        h.update((tok.chat_template or "").encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunks and the worker function
+# ---------------------------------------------------------------------------------------------------------------
+
+def iter_chunks(plan: PipelinePlan):
+    """Yields ``(chunk index, source index, items)``; an item is ``(location, payload, kind)`` with kind ``raw``
+    (undecoded JSONL line; payload ``(bytes, is first line)``) or ``rec`` (a parsed record or a RecordError)."""
+    k = 0
+    for si, spec in enumerate(plan.sources):
+        path = Path(spec.path)
+        if path.suffix.lower() not in PARQUET_SUFFIXES + ARROW_SUFFIXES and not is_json_array(path):
+            items = ((loc, (raw, first), "raw") for loc, raw, first in iter_jsonl_lines(path))
+        else:
+            items = ((loc, rec, "rec") for loc, rec in iter_records(path))
+        buf = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == plan.chunk_records:
+                yield k, si, buf
+                k, buf = k + 1, []
+        if buf:
+            yield k, si, buf
+            k += 1
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(plan: PipelinePlan, parallel_tokenizer: bool) -> None:
+    if not parallel_tokenizer:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.clear()
+    _WORKER.update(plan=plan, tok=TextTokenizer.load(plan.tokenizer), heldout=set(plan.heldout_tasks))
+
+
+def process_chunk(job) -> dict:
+    """Parses, renders and tokenizes one chunk (in a worker). Pure: the result depends on the chunk only.
+
+    Returns:
+        ``{"chunk", "source", "read", "bad", "rejected": Counter, "rejects": [dict], "error": str | None,
+        "ids": int32 [tokens], "trained": uint8 [tokens], "lengths", "trainable" (int32 [examples]), "tasks",
+        "example_ids" ([examples]), "eval": [dict]}``. ``error`` is set (and the rest is partial) when
+        ``on_error="raise"`` met a bad record.
+    """
+    k, si, items = job
+    plan, tok = _WORKER["plan"], _WORKER["tok"]
+    spec = plan.sources[si]
+    res = {"chunk": k, "source": si, "read": len(items), "bad": 0, "rejected": Counter(), "rejects": [],
+           "error": None, "eval": []}
+    examples, locs = [], []
+
+    def reject(loc, ex, reason, message=None):
+        res["rejected"][reason] += 1
+        res["rejects"].append({"split": "train", "source": spec.path, "record": loc,
+                               "id": ex.id if ex is not None else None, "reason": reason,
+                               **({"message": message} if message else {}), "_chunk": k})
+
+    for loc, payload, kind in items:
+        rec = decode_jsonl_line(payload[0], loc, payload[1]) if kind == "raw" else payload
+        try:
+            if isinstance(rec, RecordError):
+                raise rec
+            ex = parse_record(rec, spec.format, loc, spec.name, spec.path, plan.fields, plan.task_field)
+        except RecordError as err:
+            if plan.on_error == "raise":
+                res["error"] = f"{err} (pass --on-error skip to count and skip bad records)"
+                return res
+            res["bad"] += 1
+            reject(loc, None, err.reason, err.detail)
+            continue
+        examples.append(ex)
+        locs.append(loc)
+    rendered = render_batch(examples, tok, plan.seq_len, spec.template, plan.overflow, plan.train_on)
+    ids, trained, lengths, trainable, tasks, eids = [], [], [], [], [], []
+    for ex, loc, (r, reason) in zip(examples, locs, rendered):
+        if reason is not None:
+            reject(loc, ex, reason)
+            continue
+        ids.append(r[0])
+        trained.append(r[1] != IGNORE_INDEX)
+        lengths.append(len(r[0]))
+        trainable.append(int(trained[-1].sum()))
+        tasks.append(ex.task)
+        eids.append(ex.id)
+        if ex.task in _WORKER["heldout"]:
+            res["eval"].append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
+                                "track": "default", "references": ex.references,
+                                "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
+    res.update(ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+               trained=(np.concatenate(trained) if trained else np.zeros(0, bool)).astype(np.uint8),
+               lengths=np.asarray(lengths, np.int32), trainable=np.asarray(trainable, np.int32), tasks=tasks,
+               example_ids=eids)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One slice
+# ---------------------------------------------------------------------------------------------------------------
+
+def slice_dir(out_dir: Path, index: int, num_slices: int) -> Path:
+    return Path(out_dir) / SLICES_DIR / f"slice-{index:05d}-of-{num_slices:05d}"
+
+
+def _ordered_results(jobs, num_proc: int, plan: PipelinePlan):
+    """Results of :func:`process_chunk` in job order; at most ``2 * num_proc`` jobs in flight (bounded memory)."""
+    if num_proc <= 1:
+        _init_worker(plan, parallel_tokenizer=True)
+        for job in jobs:
+            yield process_chunk(job)
+        return
+    ctx = mp.get_context("fork")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(plan, False)) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(process_chunk, (job,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int = 1) -> dict:
+    """Processes the chunks of slice ``index`` (``chunk % plan.num_slices == index``) into its slice directory.
+
+    Returns:
+        The slice summary (also ``slice.json``, written last).
+
+    Raises:
+        DataFormatError: with ``on_error="raise"``, the first bad record (file and line).
+    """
+    d = slice_dir(out_dir, index, plan.num_slices)
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    jobs = (j for j in iter_chunks(plan) if j[0] % plan.num_slices == index)
+    per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter()} for _ in plan.sources]
+    chunks, offset = [], 0
+    with open(d / "tokens.bin", "wb") as f_ids, open(d / "trained.bin", "wb") as f_tr, \
+            open(d / "rejects.jsonl", "w", encoding="utf-8") as f_rej, \
+            open(d / "eval.jsonl", "w", encoding="utf-8") as f_eval, \
+            pa.OSFile(str(d / "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, EXAMPLES_SCHEMA) as ex_w:
+        for res in _ordered_results(jobs, num_proc, plan):
+            if res["error"] is not None:
+                raise DataFormatError(res["error"])
+            s = per_source[res["source"]]
+            s["read"] += res["read"]
+            s["bad"] += res["bad"]
+            s["rejected"].update(res["rejected"])
+            n = len(res["lengths"])
+            s["written"] += n
+            f_ids.write(res["ids"].tobytes())
+            f_tr.write(res["trained"].tobytes())
+            offsets = offset + np.concatenate([[0], np.cumsum(res["lengths"], dtype=np.int64)[:-1]]) if n else []
+            offset += int(res["lengths"].sum())
+            ex_w.write_batch(pa.record_batch([
+                pa.array(np.full(n, res["chunk"], np.int32)), pa.array(np.full(n, res["source"], np.int32)),
+                pa.array(res["lengths"]), pa.array(res["trainable"]), pa.array(np.asarray(offsets, np.int64)),
+                pa.array(res["tasks"], pa.string()), pa.array(res["example_ids"], pa.string())],
+                schema=EXAMPLES_SCHEMA))
+            for r in res["rejects"]:
+                f_rej.write(json.dumps(r, ensure_ascii=False) + "\n")
+            for r in res["eval"]:
+                f_eval.write(json.dumps(r, ensure_ascii=False) + "\n")
+            chunks.append(res["chunk"])
+    summary = {"plan": asdict(plan), "plan_fingerprint": plan.fingerprint(), "index": index,
+               "num_slices": plan.num_slices, "chunks": chunks, "tokens": offset,
+               "sources": [dict(s, rejected=dict(s["rejected"])) for s in per_source],
+               "created_by": f"itune {__version__}"}
+    atomic_write_text(d / SLICE_DONE, json.dumps(summary) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merge
+# ---------------------------------------------------------------------------------------------------------------
+
+def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
+    root = Path(out_dir) / SLICES_DIR
+    done = sorted(root.glob(f"slice-*-of-*/{SLICE_DONE}")) if root.is_dir() else []
+    if not done:
+        raise ManifestError(f"{root}: no finished slice (slice-*/slice.json); run `itune-data prepare ... "
+                            f"--num-shards N --shard-index I` for every I first")
+    summaries = [json.loads(p.read_text()) for p in done]
+    n = summaries[0]["num_slices"]
+    fps = {s["plan_fingerprint"] for s in summaries}
+    if len(fps) > 1 or any(s["num_slices"] != n for s in summaries):
+        raise ManifestError(f"{root}: slices were prepared with different options or inputs (plan fingerprints "
+                            f"{sorted(fps)}); prepare every slice again with the same command")
+    have = {s["index"] for s in summaries}
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        raise ManifestError(f"{root}: {len(missing)} of {n} slices are missing or unfinished (--shard-index "
+                            f"{', '.join(map(str, missing))}); run them (e.g. resubmit those array tasks) before "
+                            f"merging")
+    summaries.sort(key=lambda s: s["index"])
+    p = dict(summaries[0]["plan"])
+    p["sources"] = [SourceSpec(**x) for x in p["sources"]]
+    return PipelinePlan(**p), summaries
+
+
+def _select(plan: PipelinePlan, idx: np.ndarray, source: np.ndarray, task: list, trainable: np.ndarray,
+            rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Mixture of the training examples ``idx`` (global order): per-task cap, then per-source weight.
+
+    Returns:
+        (selected example indices, repeats allowed, in a deterministic order; the realised mixture).
+    """
+    keep = idx
+    capped: dict = {}
+    if plan.max_per_task is not None:
+        by_task: dict = collections.defaultdict(list)
+        for i in idx:
+            by_task[task[i]].append(i)
+        kept = []
+        for t in sorted(by_task):
+            members = by_task[t]
+            if len(members) > plan.max_per_task:
+                capped[t] = len(members) - plan.max_per_task
+                members = sorted(rng.permutation(members)[:plan.max_per_task].tolist())
+            kept.extend(members)
+        keep = np.asarray(sorted(kept), dtype=np.int64)
+    chosen = []
+    mixture = {"max_per_task": plan.max_per_task, "capped_per_task": capped, "sources": []}
+    for si, spec in enumerate(plan.sources):
+        members = keep[source[keep] == si]
+        n = len(members)
+        target = int(round(spec.weight * n))
+        whole, rest = divmod(target, n) if n else (0, 0)
+        sel = [members] * whole
+        if rest:
+            sel.append(np.sort(rng.permutation(members)[:rest]))
+        sel = np.concatenate(sel) if sel else np.zeros(0, np.int64)
+        chosen.append(sel)
+        mixture["sources"].append({"name": spec.name, "weight": spec.weight, "available": n, "examples": len(sel),
+                                   "trainable_tokens": int(trainable[sel].sum())})
+    return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), mixture
+
+
+class _TokenReader:
+    """Reads one example's tokens and trained mask back from its slice files (``pread``; nothing mapped)."""
+
+    def __init__(self, dirs: list[Path]):
+        self.fds = [(os.open(d / "tokens.bin", os.O_RDONLY), os.open(d / "trained.bin", os.O_RDONLY)) for d in dirs]
+
+    def read(self, sl: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        fi, ft = self.fds[sl]
+        ids = np.frombuffer(os.pread(fi, 4 * length, 4 * offset), dtype=np.int32)
+        tr = np.frombuffer(os.pread(ft, length, offset), dtype=np.uint8)
+        return ids, tr
+
+    def close(self) -> None:
+        for a, b in self.fds:
+            os.close(a)
+            os.close(b)
+
+
+def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
+    width = max(1, -(-hi // bins))
+    n = max(1, -(-hi // width))
+    idx = np.minimum(values // width, n - 1) if len(values) else values
+    return {"edges": [i * width for i in range(n + 1)],
+            "counts": np.bincount(idx.astype(np.int64), minlength=n).astype(int).tolist() if len(values) else [0] * n}
+
+
+_ARANGE = np.arange(0, dtype=np.int32)
+
+
+def _write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, reader: _TokenReader,
+                      plan: PipelinePlan, pad_id: int) -> dict:
+    """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry."""
+    seq_len = plan.seq_len
+    global _ARANGE
+    if len(_ARANGE) < seq_len:
+        _ARANGE = np.arange(seq_len, dtype=np.int32)
+    rnd = random.Random(plan.seed)
+    order = list(range(len(sel)))
+    rnd.shuffle(order)  # example order before packing
+    ex = sel[np.asarray(order, dtype=np.int64)] if len(sel) else sel
+    lengths = meta["length"][ex]
+    rows = pack.best_fit_decreasing(lengths.tolist(), seq_len) if plan.pack else [[i] for i in range(len(ex))]
+    rnd.shuffle(rows)  # row order after packing; the trainer reshuffles per epoch
+    n_rows = len(rows)
+    num_shards = max(1, -(-n_rows // plan.max_rows_per_shard))
+    shard_list = []
+    ids_col = meta["id"]
+    for s in range(num_shards):
+        lo, hi = s * plan.max_rows_per_shard, min(n_rows, (s + 1) * plan.max_rows_per_shard)
+        name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
+        tmp = out_dir / f".{name}.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shards.SCHEMA) as writer:
+            for b in range(lo, hi, WRITE_BATCH_ROWS) if hi > lo else []:
+                batch_rows = rows[b:min(hi, b + WRITE_BATCH_ROWS)]
+                r = len(batch_rows)
+                input_ids = np.full((r, seq_len), pad_id, dtype=np.int32)
+                trained = np.zeros((r, seq_len), dtype=np.uint8)
+                position_ids = np.empty((r, seq_len), dtype=np.int32)
+                ex_lens, ex_ids = [], []
+                for j, row in enumerate(batch_rows):
+                    pos = 0
+                    for i in row:
+                        g = ex[i]
+                        n = int(meta["length"][g])
+                        input_ids[j, pos:pos + n], trained[j, pos:pos + n] = reader.read(
+                            int(meta["slice"][g]), int(meta["offset"][g]), n)
+                        position_ids[j, pos:pos + n] = _ARANGE[:n]
+                        pos += n
+                        ex_ids.append(ids_col[g])
+                    position_ids[j, pos:] = _ARANGE[:seq_len - pos]
+                    ex_lens.append(len(row))
+                labels = np.where(trained.astype(bool), input_ids, np.int32(IGNORE_INDEX))
+                fixed = pa.array(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
+                counts = pa.array(np.concatenate([[0], np.cumsum(ex_lens)]).astype(np.int32))
+                lens = meta["length"][np.asarray([ex[i] for row in batch_rows for i in row], dtype=np.int64)]
+                cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids.reshape(-1))),
+                        pa.ListArray.from_arrays(fixed, pa.array(labels.reshape(-1))),
+                        pa.ListArray.from_arrays(fixed, pa.array(position_ids.reshape(-1))),
+                        pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
+                        pa.ListArray.from_arrays(counts, pa.array(ex_ids, pa.string()))]
+                writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
+        os.replace(tmp, out_dir / name)
+        shard_list.append({"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
+                           "sha256": shards.sha256_file(out_dir / name)})
+    tokens = int(lengths.sum())
+    fills = np.asarray([sum(int(lengths[i]) for i in row) for row in rows], dtype=np.int64)
+    return {
+        "examples": int(len(ex)),
+        "examples_per_task": dict(sorted(Counter(meta["task"][g] for g in ex.tolist()).items())),
+        "trainable_tokens_per_task": _per_task_sum(meta, ex),
+        "rows": n_rows,
+        "tokens": tokens,
+        "trainable_tokens": int(meta["trainable"][ex].sum()),
+        "padding_tokens": n_rows * seq_len - tokens,
+        "packing_efficiency": round(tokens / (n_rows * seq_len), 6) if n_rows else 0.0,
+        "max_example_tokens": int(lengths.max()) if len(lengths) else 0,
+        "length_histogram": _histogram(lengths.astype(np.int64), seq_len),
+        "row_fill_histogram": _histogram(fills, seq_len),
+        "shards": shard_list,
+    }
+
+
+def _per_task_sum(meta: dict, ex: np.ndarray) -> dict:
+    out: Counter = Counter()
+    for g in ex.tolist():
+        out[meta["task"][g]] += int(meta["trainable"][g])
+    return dict(sorted(out.items()))
+
+
+def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
+    """Combines every slice of ``out_dir/slices`` into packed shards and ``manifest.json`` (written last).
+
+    The examples are taken in chunk order, which is the order a single process reads them, so the output equals a
+    one-slice preparation byte for byte.
+
+    Raises:
+        ManifestError: a slice is missing or unfinished, or slices disagree on options or inputs.
+        DataFormatError: more bad records than ``max_bad_fraction``.
+        ConfigError: a held-out task without any example.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    plan, summaries = _load_slices(out_dir)
+    dirs = [slice_dir(out_dir, s["index"], plan.num_slices) for s in summaries]
+    tables = []
+    for sl, d in enumerate(dirs):
+        t = pa.ipc.open_stream(pa.memory_map(str(d / "examples.arrow"), "r")).read_all()
+        tables.append(t.append_column("slice", pa.array(np.full(t.num_rows, sl, np.int32))))
+    table = pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
+    order = np.argsort(table["chunk"].to_numpy(), kind="stable")  # chunk order = single-process order
+    table = table.take(pa.array(order))
+    meta = {k: table[k].to_numpy() for k in ("source", "length", "trainable", "offset", "slice")}
+    meta["task"] = table["task"].to_pylist()
+    meta["id"] = table["id"].to_pylist()
+    del table, tables
+    # counts per source (read = written + rejected), rejects and eval candidates in chunk order
+    sources = []
+    read = bad = 0
+    rejected: Counter = Counter()
+    for si, spec in enumerate(plan.sources):
+        s_read = sum(s["sources"][si]["read"] for s in summaries)
+        if s_read == 0:
+            raise DataFormatError(f"{spec.path}: no record found (an empty file?)")
+        s_rej = Counter()
+        for s in summaries:
+            s_rej.update(s["sources"][si]["rejected"])
+        read += s_read
+        bad += sum(s["sources"][si]["bad"] for s in summaries)
+        rejected.update(s_rej)
+        sources.append({"path": spec.path, "sha256": plan.source_sha256[si], "name": spec.name,
+                        "format": spec.format, "template": spec.template, "weight": spec.weight,
+                        "counts": {"read": s_read, "written": sum(s["sources"][si]["written"] for s in summaries),
+                                   "rejected": {k: s_rej[k] for k in sorted(s_rej)}}})
+    rejects = _merge_jsonl([d / "rejects.jsonl" for d in dirs])
+    atomic_write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    if plan.max_bad_fraction is not None and bad > plan.max_bad_fraction * read:
+        raise DataFormatError(
+            f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {plan.max_bad_fraction}; "
+            f"reasons {dict(rejected)}; every one is listed in {out_dir / 'rejects.jsonl'}")
+    n = len(meta["length"])
+    heldout = list(plan.heldout_tasks)
+    is_test = np.asarray([t in set(heldout) for t in meta["task"]], dtype=bool) if heldout else np.zeros(n, bool)
+    if heldout:
+        present = set(meta["task"])
+        missing = [t for t in heldout if t not in present]
+        if missing:
+            raise ConfigError(f"held-out tasks {missing} have no example (tasks found via --task-field "
+                              f"{plan.task_field!r}: {sorted(present)[:20]})")
+    rng = np.random.default_rng(plan.seed)
+    train_idx = np.flatnonzero(~is_test)
+    sel, mixture = _select(plan, train_idx, meta["source"], meta["task"], meta["trainable"], rng)
+    for src, mix in zip(sources, mixture["sources"]):
+        src["mixture"] = {k: mix[k] for k in ("available", "examples", "trainable_tokens")}
+    tok = TextTokenizer.load(plan.tokenizer)
+    reader = _TokenReader(dirs)
+    splits = {}
+    try:
+        parts = [("train", sel)] + ([("test", np.flatnonzero(is_test))] if heldout else [])
+        for split, idx in parts:
+            info = _write_split_rows(out_dir, split, idx, meta, reader, plan, tok.pad_id)
+            written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
+            rej = rejected if split == "train" else Counter()  # rejects are counted with the training split
+            info = {"tasks": list(dict.fromkeys(meta["task"][i] for i in idx.tolist()))
+                    if plan.task_field or split == "test"
+                    else list(dict.fromkeys(s.name for s in plan.sources)),
+                    "counts": {"read": written + sum(rej.values()), "written": written,
+                               "rejected": {k: rej[k] for k in sorted(rej)}}, **info}
+            if split == "test":
+                recs = _first_per_task(_merge_jsonl([d / "eval.jsonl" for d in dirs]),
+                                       plan.max_eval_instances_per_task)
+                atomic_write_text(out_dir / "test_eval.jsonl",
+                                  "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
+                info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
+                            eval_sha256=shards.sha256_file(out_dir / "test_eval.jsonl"))
+            splits[split] = info
+    finally:
+        reader.close()
+    templates = sorted({s.template for s in plan.sources})
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "created_by": f"itune {__version__}",
+        "source": plan.source_kind,
+        "source_files": {s["path"]: s["sha256"] for s in sources},
+        "sources": sources,
+        "mixture": mixture,
+        "template": templates[0] if len(templates) == 1 else "per_source",
+        "template_fingerprint": plan.template_fingerprint,
+        "tokenizer": plan.tokenizer_info,
+        "packing": "best_fit_decreasing" if plan.pack else "none",
+        "overflow": plan.overflow,
+        "seq_len": plan.seq_len,
+        "seed": plan.seed,
+        "heldout_tasks": heldout,
+        "preparation": {"slices": plan.num_slices, "chunk_records": plan.chunk_records},
+        "splits": splits,
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_text(out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    if not keep_slices:
+        shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)
+    return manifest
+
+
+def _merge_jsonl(paths: list[Path]) -> list[dict]:
+    """Records of several slices' JSONL files in chunk order (their ``_chunk`` key, then removed)."""
+    recs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            recs.extend(json.loads(line) for line in f)
+    recs.sort(key=lambda r: r["_chunk"])  # stable: order within a chunk is kept
+    for r in recs:
+        del r["_chunk"]
+    return recs
+
+
+def _first_per_task(recs: list[dict], cap: int) -> list[dict]:
+    per_task: Counter = Counter()
+    out = []
+    for r in recs:
+        if per_task[r["task_id"]] < cap:
+            per_task[r["task_id"]] += 1
+            out.append(r)
+    return out
