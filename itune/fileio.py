@@ -8,15 +8,16 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` (UTF-8) to ``path`` through a temporary file in the same directory, flushed to disk, then
-    ``os.replace``; creates the parent directory."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kw):
+    """Opens a temporary file beside ``path`` (``mode`` "w" or "wb"); on a clean exit it is flushed to disk and
+    renamed to ``path`` (``os.replace``), on an exception removed. Creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -25,3 +26,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)

@@ -44,6 +44,7 @@ from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_
     render_batch, render_prompt
 from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, decode_jsonl_line, is_json_array,
                                 iter_jsonl_lines, iter_records, parse_record)
+from itune.data.stats import int_edges, int_histogram
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, DataFormatError, ManifestError
 from itune.fileio import atomic_write_text
@@ -376,37 +377,57 @@ class _TokenReader:
             os.close(b)
 
 
+class MemoryTokens:
+    """Token source for :func:`write_split_rows` from examples held in memory (one slice, index 0)."""
+
+    def __init__(self, input_ids: list, labels: list):
+        self.ids = np.concatenate([np.asarray(x, np.int32) for x in input_ids]) if input_ids else np.zeros(0, np.int32)
+        lab = np.concatenate([np.asarray(x, np.int32) for x in labels]) if labels else np.zeros(0, np.int32)
+        self.trained = (lab != IGNORE_INDEX).astype(np.uint8)
+        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in input_ids], dtype=np.int64)[:-1]]) \
+            if input_ids else np.zeros(0, np.int64)
+
+    def read(self, sl: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.ids[offset:offset + length], self.trained[offset:offset + length]
+
+
 def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
-    width = max(1, -(-hi // bins))
-    n = max(1, -(-hi // width))
-    idx = np.minimum(values // width, n - 1) if len(values) else values
-    return {"edges": [i * width for i in range(n + 1)],
-            "counts": np.bincount(idx.astype(np.int64), minlength=n).astype(int).tolist() if len(values) else [0] * n}
+    """``{"edges", "counts"}`` over integer bins of ``[0, hi]`` (as ``itune-data stats``)."""
+    edges = int_edges(hi, bins)
+    return {"edges": edges, "counts": int_histogram(np.asarray(values, dtype=np.int64), edges)}
 
 
 _ARANGE = np.arange(0, dtype=np.int32)
 
 
-def _write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, reader: _TokenReader,
-                      plan: PipelinePlan, pad_id: int) -> dict:
-    """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry."""
-    seq_len = plan.seq_len
+def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, reader, seq_len: int, pad_id: int,
+                     seed: int, packed: bool, max_rows_per_shard: int) -> dict:
+    """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry.
+
+    Args:
+        sel: indices into ``meta`` of the examples to write (repeats allowed), in their global order.
+        meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task``, ``id`` (lists).
+        reader: ``read(slice, offset, length) -> (input_ids int32, trained uint8)``.
+
+    Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.
+    Rows are built ``WRITE_BATCH_ROWS`` at a time; shards hold at most ``max_rows_per_shard`` rows.
+    """
     global _ARANGE
     if len(_ARANGE) < seq_len:
         _ARANGE = np.arange(seq_len, dtype=np.int32)
-    rnd = random.Random(plan.seed)
+    rnd = random.Random(seed)
     order = list(range(len(sel)))
     rnd.shuffle(order)  # example order before packing
     ex = sel[np.asarray(order, dtype=np.int64)] if len(sel) else sel
     lengths = meta["length"][ex]
-    rows = pack.best_fit_decreasing(lengths.tolist(), seq_len) if plan.pack else [[i] for i in range(len(ex))]
+    rows = pack.best_fit_decreasing(lengths.tolist(), seq_len) if packed else [[i] for i in range(len(ex))]
     rnd.shuffle(rows)  # row order after packing; the trainer reshuffles per epoch
     n_rows = len(rows)
-    num_shards = max(1, -(-n_rows // plan.max_rows_per_shard))
+    num_shards = max(1, -(-n_rows // max_rows_per_shard))
     shard_list = []
     ids_col = meta["id"]
     for s in range(num_shards):
-        lo, hi = s * plan.max_rows_per_shard, min(n_rows, (s + 1) * plan.max_rows_per_shard)
+        lo, hi = s * max_rows_per_shard, min(n_rows, (s + 1) * max_rows_per_shard)
         name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
         tmp = out_dir / f".{name}.tmp"
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shards.SCHEMA) as writer:
@@ -537,7 +558,8 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
     try:
         parts = [("train", sel)] + ([("test", np.flatnonzero(is_test))] if heldout else [])
         for split, idx in parts:
-            info = _write_split_rows(out_dir, split, idx, meta, reader, plan, tok.pad_id)
+            info = write_split_rows(out_dir, split, idx, meta, reader, plan.seq_len, tok.pad_id, plan.seed, plan.pack,
+                                    plan.max_rows_per_shard)
             written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
             rej = rejected if split == "train" else Counter()  # rejects are counted with the training split
             info = {"tasks": list(dict.fromkeys(meta["task"][i] for i in idx.tolist()))

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from itune import __version__
-from itune.data import pack, shards
-from itune.data.render import IGNORE_INDEX, TEMPLATES, TRAIN_ON, render, render_prompt
+from itune.data import shards
+from itune.data.render import TEMPLATES, TRAIN_ON, render, render_prompt
 from itune.data.sources import FORMATS, read_split_file, read_superni_task, sniff_format, superni_task_path
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError
@@ -111,44 +110,24 @@ def _prepare_split(split, task_names, opts, tok, cap, rejects, eval_cap=None):
     return read, rejected, rendered, examples, eval_records, files
 
 
-def _pack_columns(rendered, examples, seq_len, pad_id, seed, packed=True):
-    lengths = [len(r.input_ids) for r in rendered]
-    rows = pack.best_fit_decreasing(lengths, seq_len) if packed else [[i] for i in range(len(lengths))]
-    random.Random(seed).shuffle(rows)  # row order after packing; the trainer reshuffles per epoch
-    cols = {k: [] for k in shards.SCHEMA.names}
-    for row in rows:
-        ids, labels = [], []
-        for i in row:
-            ids.extend(rendered[i].input_ids)
-            labels.extend(rendered[i].labels)
-        pad = seq_len - len(ids)
-        cols["input_ids"].append(ids + [pad_id] * pad)
-        cols["labels"].append(labels + [IGNORE_INDEX] * pad)
-        cols["example_lengths"].append([lengths[i] for i in row])
-        cols["position_ids"].append(pack.position_ids_for(cols["example_lengths"][-1], seq_len))
-        cols["example_ids"].append([examples[i].id for i in row])
-    return cols, lengths
-
-
 def _write_split(out_dir, split, tasks, read, rejected, rendered, examples, seq_len, pad_id, seed, packed,
                  max_rows_per_shard) -> dict:
-    """Packs (or not), writes the shards of one split and returns its manifest entry."""
-    cols, lengths = _pack_columns(rendered, examples, seq_len, pad_id, seed, packed)
-    shard_list = shards.write_shards(out_dir, split, cols, max_rows_per_shard)
-    rows = len(cols["input_ids"])
-    tokens = sum(lengths)
-    return {
-        "tasks": tasks,
-        "counts": {"read": read, "written": len(rendered), "rejected": {k: rejected[k] for k in sorted(rejected)}},
-        "examples_per_task": dict(sorted(Counter(e.task for e in examples).items())),
-        "rows": rows,
-        "tokens": tokens,
-        "trainable_tokens": sum(r.num_trainable for r in rendered),
-        "padding_tokens": rows * seq_len - tokens,
-        "packing_efficiency": round(tokens / (rows * seq_len), 6) if rows else 0.0,
-        "max_example_tokens": max(lengths, default=0),
-        "shards": shard_list,
-    }
+    """Packs (or not), writes the shards of one split held in memory and returns its manifest entry."""
+    import numpy as np
+
+    from itune.data.pipeline import MemoryTokens, write_split_rows
+
+    meta = {"length": np.asarray([len(r.input_ids) for r in rendered], np.int64),
+            "trainable": np.asarray([r.num_trainable for r in rendered], np.int64),
+            "slice": np.zeros(len(rendered), np.int64), "task": [e.task for e in examples],
+            "id": [e.id for e in examples]}
+    reader = MemoryTokens([r.input_ids for r in rendered], [r.labels for r in rendered])
+    meta["offset"] = reader.offsets
+    info = write_split_rows(out_dir, split, np.arange(len(rendered)), meta, reader, seq_len, pad_id, seed, packed,
+                            max_rows_per_shard)
+    return {"tasks": tasks,
+            "counts": {"read": read, "written": len(rendered), "rejected": {k: rejected[k] for k in sorted(rejected)}},
+            **info}
 
 
 def _write_manifest(manifest: dict, opts, tok, heldout: list, splits: dict, t0: float) -> dict:

@@ -14,27 +14,25 @@ row 1 one example of 4 tokens::
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 
 from itune.data.shards import open_split, read_manifest
+from itune.fileio import atomic_open
 
 IGNORE_INDEX = -100
 
 
-def _int_edges(hi: int, bins: int) -> list[int]:
+def int_edges(hi: int, bins: int) -> list[int]:
     """Integer bin edges ``0, w, 2w, ...`` with ``w = ceil(hi / bins)``; the last edge is ``>= hi``."""
     width = max(1, -(-hi // bins))
     n = max(1, -(-hi // width))
     return [i * width for i in range(n + 1)]
 
 
-def _int_histogram(values: np.ndarray, edges: list[int]) -> list[int]:
+def int_histogram(values: np.ndarray, edges: list[int]) -> list[int]:
     """Counts per bin ``[edges[i], edges[i + 1])``, the last bin closed (numpy's convention); values in
     ``[0, edges[-1]]``."""
     width, n = edges[1] - edges[0], len(edges) - 1
@@ -83,7 +81,7 @@ def length_stats(data_dir: str | Path, split: str = "train", bins: int = 32, fil
     else:
         trainable = np.zeros(0, dtype=np.int64)
     tokens = int(lengths.sum())
-    edges = _int_edges(seq_len, bins)
+    edges = int_edges(seq_len, bins)
     fill_counts = np.bincount(np.minimum(row_tokens * fill_bins // seq_len, fill_bins - 1),
                               minlength=fill_bins).astype(int).tolist()
     n = int(lengths.size)
@@ -103,9 +101,9 @@ def length_stats(data_dir: str | Path, split: str = "train", bins: int = 32, fil
             "min": int(lengths.min()) if n else 0,
             "max": int(lengths.max()) if n else 0,
         },
-        "length_histogram": {"edges": edges, "counts": _int_histogram(lengths, edges)},
+        "length_histogram": {"edges": edges, "counts": int_histogram(lengths, edges)},
         "fill_histogram": {"edges": [i / fill_bins for i in range(fill_bins + 1)], "counts": fill_counts},
-        "trainable_histogram": {"edges": edges, "counts": _int_histogram(trainable, edges)},
+        "trainable_histogram": {"edges": edges, "counts": int_histogram(trainable, edges)},
     }
 
 
@@ -144,16 +142,6 @@ def write_stats_png(stats: dict, path: str | Path) -> Path:
     fig.suptitle(f"{stats['data_dir']} [{stats['split']}]: {stats['examples']} examples, {stats['rows']} rows of "
                  f"{stats['seq_len']} tokens, {stats['tokens']} tokens")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
