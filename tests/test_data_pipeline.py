@@ -1,0 +1,207 @@
+"""Scalable preparation: output identical for any --num-proc and for job-array slices once merged; mixtures with
+weights and a per-task cap; Slurm array defaults; merge refuses incomplete or inconsistent slices."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import yaml
+
+from data_tools.cli import main
+from itune.data.pipeline import merge_slices
+from itune.data.prepare import SourcesOptions, load_mixture, prepare_sources, slice_from_env
+from itune.data.shards import open_split, read_manifest, verify
+from itune.errors import ConfigError, ManifestError
+from tests.conftest import MISTRAL
+from tests.test_sources import ALPACA_LIBRE, SHAREGPT_DUMMY, _jsonl
+
+X = -100
+
+
+@pytest.fixture(scope="module")
+def bad_file(tmp_path_factory):
+    return _jsonl(tmp_path_factory.mktemp("bad") / "bad.jsonl", [
+        {"prompt": "Q1", "completion": "A1"},
+        "not json",
+        {"prompt": "Q2", "completion": ""},
+        {"prompt": "Q3", "completion": "A3"},
+    ])
+
+
+def _opts(out, inputs, **kw):
+    kw.setdefault("chunk_records", 128)  # several chunks per file, so slices and workers really split the work
+    return SourcesOptions(inputs=inputs, tokenizer=MISTRAL, out_dir=out, seq_len=kw.pop("seq_len", 512),
+                          on_error="skip", **kw)
+
+
+def _files(out):
+    """Every output file's bytes (manifest without its timing)."""
+    got = {}
+    for p in sorted(out.iterdir()):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                m.pop("seconds")
+                data = json.dumps(m, sort_keys=True).encode()
+            got[p.name] = data
+    return got
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, bad_file):
+    out = tmp_path_factory.mktemp("single") / "out"
+    prepare_sources(_opts(out, [ALPACA_LIBRE, SHAREGPT_DUMMY, bad_file]))
+    return out
+
+
+def test_output_identical_for_any_num_proc(tmp_path, single, bad_file):
+    out = tmp_path / "np2"
+    prepare_sources(_opts(out, [ALPACA_LIBRE, SHAREGPT_DUMMY, bad_file], num_proc=2))
+    a, b = _files(single), _files(out)
+    assert sorted(a) == ["manifest.json", "rejects.jsonl", "train-00000-of-00001.arrow"]
+    assert a == b
+    assert not (out / "slices").exists()  # intermediate files removed after the merge
+    m = read_manifest(out)
+    assert m["splits"]["train"]["counts"] == {"read": 1709, "written": 1701,
+                                              "rejected": {"empty_assistant": 7, "invalid_json": 1}}
+    assert verify(out) == []
+
+
+def test_slices_merged_equal_single_process(tmp_path, single, bad_file):
+    out = tmp_path / "sliced"
+    for i in (2, 0, 1):  # array tasks finish in any order
+        s = prepare_sources(_opts(out, [ALPACA_LIBRE, SHAREGPT_DUMMY, bad_file], shard_index=i, num_shards=3))
+        assert s["index"] == i and all(c % 3 == i for c in s["chunks"])
+        assert not (out / "manifest.json").exists()
+    m = merge_slices(out)
+    a, b = _files(single), _files(out)
+    ma, mb = json.loads(a.pop("manifest.json")), json.loads(b.pop("manifest.json"))
+    assert a == b  # shards and rejects byte for byte
+    assert mb["preparation"] == {"slices": 3, "chunk_records": 128} and ma["preparation"]["slices"] == 1
+    ma.pop("preparation"), mb.pop("preparation")
+    assert ma == mb
+    assert m["splits"]["train"]["rows"] == read_manifest(single)["splits"]["train"]["rows"]
+
+
+def test_merge_refuses_missing_or_inconsistent_slices(tmp_path, bad_file):
+    out = tmp_path / "o"
+    prepare_sources(_opts(out, [bad_file], shard_index=0, num_shards=3, chunk_records=1))
+    prepare_sources(_opts(out, [bad_file], shard_index=2, num_shards=3, chunk_records=1))
+    with pytest.raises(ManifestError, match=r"1 of 3 slices are missing or unfinished \(--shard-index 1\)"):
+        merge_slices(out)
+    prepare_sources(_opts(out, [bad_file], shard_index=1, num_shards=3, chunk_records=1, seq_len=256))
+    with pytest.raises(ManifestError, match="slices were prepared with different options or inputs"):
+        merge_slices(out)
+    with pytest.raises(ManifestError, match="no finished slice"):
+        merge_slices(tmp_path / "empty")
+    assert main(["merge", str(tmp_path / "empty")]) == 2
+
+
+def test_slice_from_slurm_array_environment():
+    env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"}
+    assert slice_from_env(None, None, env) == (1, 2)
+    assert slice_from_env(0, 3, env) == (0, 3)  # explicit options win
+    assert slice_from_env(None, None, {}) == (0, 1)
+    with pytest.raises(ConfigError, match="the index must be in"):
+        slice_from_env(3, 3, {})
+    with pytest.raises(ConfigError, match="give both"):
+        slice_from_env(1, None, {})
+
+
+def test_mixture_weights_and_task_cap(tmp_path):
+    out = tmp_path / "mix"
+    m = prepare_sources(_opts(out, [{"path": ALPACA_LIBRE, "weight": 0.5},
+                                    {"path": SHAREGPT_DUMMY, "weight": 2, "name": "chat", "template": "tokenizer"}]))
+    alp, chat = m["sources"]
+    assert alp["counts"]["written"] == 1199 and chat["counts"]["written"] == 500
+    assert alp["mixture"]["available"] == 1199 and alp["mixture"]["examples"] == 600  # round(599.5), half to even
+    assert (chat["mixture"]["available"], chat["mixture"]["examples"]) == (500, 1000)
+    assert (chat["template"], chat["weight"], m["template"]) == ("tokenizer", 2.0, "per_source")
+    info = m["splits"]["train"]
+    assert info["examples"] == 1600 and info["examples_per_task"] == {"alpaca_libre_tasks_v3": 600, "chat": 1000}
+    assert info["counts"]["written"] == 1699  # counts are of records; the mixture is of examples written
+    t = open_split(out, "train")
+    ids = Counter(sum(t["example_ids"].to_pylist(), []))
+    alp_prefix = "alpaca_libre_tasks_v3.jsonl:"
+    chat_ids = {k: v for k, v in ids.items() if not k.startswith(alp_prefix)}
+    assert len(chat_ids) == 500 and set(chat_ids.values()) == {2}  # every conversation exactly twice
+    assert sum(v for k, v in ids.items() if k not in chat_ids) == 600 and max(ids.values()) == 2
+    trained = Counter()  # trained tokens per example id, summed over its occurrences in the rows
+    for lab, lens, eids in zip(t["labels"].to_pylist(), t["example_lengths"].to_pylist(),
+                               t["example_ids"].to_pylist()):
+        pos = 0
+        for n, e in zip(lens, eids):
+            trained["alp" if e.startswith(alp_prefix) else "chat"] += sum(1 for x in lab[pos:pos + n] if x != X)
+            pos += n
+    assert trained == {"alp": alp["mixture"]["trainable_tokens"], "chat": chat["mixture"]["trainable_tokens"]}
+    assert sum(trained.values()) == info["trainable_tokens"]
+    assert verify(out) == []
+    # the same weights give the same selection; another seed another one
+    again = prepare_sources(_opts(tmp_path / "again", [{"path": ALPACA_LIBRE, "weight": 0.5}]))
+    other = prepare_sources(_opts(tmp_path / "other", [{"path": ALPACA_LIBRE, "weight": 0.5}], seed=1))
+    sel = [Counter(sum(open_split(d, "train")["example_ids"].to_pylist(), []))
+           for d in (tmp_path / "again", tmp_path / "other")]
+    assert again["sources"][0]["mixture"]["examples"] == other["sources"][0]["mixture"]["examples"] == 600
+    assert set(sel[0]) == {k for k in ids if k.startswith(alp_prefix)} and sel[0] != sel[1]
+
+
+def test_cap_per_task_examples_proportional(tmp_path):
+    rows = [{"prompt": f"{t} q{i}", "completion": f"a{i}", "task": t}
+            for t, n in (("big", 10), ("mid", 4), ("small", 2)) for i in range(n)]
+    f = _jsonl(tmp_path / "tasks.jsonl", rows)
+    m = prepare_sources(_opts(tmp_path / "o", [f], task_field="task", max_per_task=3, seq_len=64))
+    info = m["splits"]["train"]
+    assert info["examples_per_task"] == {"big": 3, "mid": 3, "small": 2}
+    assert m["mixture"]["capped_per_task"] == {"big": 7, "mid": 1} and m["mixture"]["max_per_task"] == 3
+    assert info["counts"] == {"read": 16, "written": 16, "rejected": {}} and info["examples"] == 8
+    assert verify(tmp_path / "o") == []
+
+
+def test_manifest_length_histograms(single):
+    m = read_manifest(single)
+    info = m["splits"]["train"]
+    t = open_split(single, "train")
+    lengths = np.asarray(sum(t["example_lengths"].to_pylist(), []))
+    h = info["length_histogram"]
+    assert h["edges"] == list(range(0, 513, 16)) and sum(h["counts"]) == info["examples"] == len(lengths)
+    assert h["counts"] == np.histogram(lengths, bins=h["edges"])[0].tolist()
+    fill = np.asarray([sum(x) for x in t["example_lengths"].to_pylist()])
+    assert info["row_fill_histogram"]["counts"] == np.histogram(fill, bins=h["edges"])[0].tolist()
+    assert len(m["template_fingerprint"]) == 16 and m["tokenizer"]["fingerprint"]
+
+
+def test_mixture_file_and_cli(tmp_path, capsys):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"sources": [{"path": str(SHAREGPT_DUMMY), "weight": 0.1},
+                                               {"path": "rel.jsonl", "template": "chat"}], "max_per_task": 40}))
+    _jsonl(tmp_path / "rel.jsonl", [{"prompt": "p", "completion": "c"}])
+    entries, cap = load_mixture(mix)
+    assert cap == 40 and entries[1]["path"] == tmp_path / "rel.jsonl"
+    rc = main(["prepare", "--mixture", str(mix), "--tokenizer", str(MISTRAL), "--seq-len", "256",
+               "--out", str(tmp_path / "o"), "--num-proc", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "mixture weight 0.1: 4 of 40 examples written" in out
+    m = read_manifest(tmp_path / "o")
+    assert [s["template"] for s in m["sources"]] == ["chat", "chat"] and m["mixture"]["max_per_task"] == 40
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources:\n  - path: x.jsonl\n    wieght: 2\n")
+    rc = main(["prepare", "--mixture", str(bad), "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown mixture keys ['wieght']" in err and "x.jsonl: input file not found" in err
+    bad.write_text("- a.jsonl\n")
+    assert main(["prepare", "--mixture", str(bad), "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o3")]) == 2
+    assert "a non-empty list 'sources'" in capsys.readouterr().err
+
+
+def test_cli_slices_then_merge(tmp_path, capsys, bad_file):
+    out = tmp_path / "o"
+    for i in range(2):
+        assert main(["prepare", "--input", str(bad_file), "--tokenizer", str(MISTRAL), "--seq-len", "64",
+                     "--on-error", "skip", "--num-shards", "2", "--shard-index", str(i), "--out", str(out)]) == 0
+    assert "when every slice is done: itune-data merge" in capsys.readouterr().out
+    assert main(["merge", str(out)]) == 0
+    assert "read 4 = written 2 + rejected 2" in capsys.readouterr().out
+    assert verify(out) == [] and not (out / "slices").exists()
