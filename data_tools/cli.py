@@ -34,8 +34,7 @@ def _prepare(a) -> int:
     if a.input or a.mixture:
         return _prepare_sources(a)
     given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction",
-                                                  "task_field", "heldout_tasks", "max_per_task", "shard_index",
-                                                  "num_shards")
+                                                  "task_field", "heldout_tasks", "max_per_task")
              if getattr(a, k) not in (None, [], "auto", "raise")]
     if a.train_on != "all":
         given.append("--train-on")
@@ -49,7 +48,10 @@ def _prepare(a) -> int:
         test_split=Path(a.test_split) if a.test_split else None,
         max_instances_per_task=a.max_instances_per_task, max_eval_instances_per_task=a.max_eval_instances_per_task,
         num_pos_examples=a.num_pos_examples, add_definition=not a.no_definition, overflow=a.overflow, seed=a.seed,
-        max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite, pack=not a.no_pack))
+        max_rows_per_shard=a.max_rows_per_shard, overwrite=a.overwrite, pack=not a.no_pack, num_proc=a.num_proc,
+        shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices))
+    if "splits" not in m:
+        return _print_slice(m, a.out)
     return _print_splits(m, a.out)
 
 
@@ -71,17 +73,23 @@ def _prepare_sources(a) -> int:
         task_field=a.task_field, heldout_tasks=[t for t in (a.heldout_tasks or "").split(",") if t],
         max_eval_instances_per_task=a.max_eval_instances_per_task, max_per_task=max_per_task,
         num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices))
-    if "splits" not in m:  # one slice of a job array: the merge writes the manifest
-        print(f"slice {m['index']} of {m['num_slices']}: {len(m['chunks'])} chunks, {m['tokens']} tokens written "
-              f"to {Path(a.out) / 'slices'}; when every slice is done: itune-data merge {a.out}")
-        return 0
+    if "splits" not in m:
+        return _print_slice(m, a.out)
     return _print_sources(m, a.out)
+
+
+def _print_slice(m: dict, out) -> int:
+    """One slice of a job array: the merge writes the shards and the manifest."""
+    print(f"slice {m['index']} of {m['num_slices']}: {len(m['chunks'])} chunks, {m['tokens']} tokens written "
+          f"to {Path(out) / 'slices'}; when every slice is done: itune-data merge {out}")
+    return 0
 
 
 def _merge(a) -> int:
     from itune.data.pipeline import merge_slices
 
-    return _print_sources(merge_slices(Path(a.out), keep_slices=a.keep_slices), a.out)
+    m = merge_slices(Path(a.out), keep_slices=a.keep_slices)
+    return _print_sources(m, a.out) if m["source"].get("kind") == "files" else _print_splits(m, a.out)
 
 
 def _print_sources(m: dict, out) -> int:

@@ -205,3 +205,30 @@ def test_cli_slices_then_merge(tmp_path, capsys, bad_file):
     assert main(["merge", str(out)]) == 0
     assert "read 4 = written 2 + rejected 2" in capsys.readouterr().out
     assert verify(out) == [] and not (out / "slices").exists()
+
+
+def test_superni_slices_and_workers_equal_single_process(tmp_path):
+    from itune.data.prepare import PrepareOptions, prepare_superni
+    from tests.conftest import SUPERNI
+
+    def opts(out, **kw):
+        return PrepareOptions(SUPERNI, MISTRAL, out, seq_len=512, max_instances_per_task=20,
+                              max_eval_instances_per_task=10, **kw)
+
+    m = prepare_superni(opts(tmp_path / "one"))
+    prepare_superni(opts(tmp_path / "np2", num_proc=2))
+    for i in range(2):
+        prepare_superni(opts(tmp_path / "sliced", shard_index=i, num_shards=2))
+    assert main(["merge", str(tmp_path / "sliced")]) == 0
+    one, np2, sliced = (_files(tmp_path / d) for d in ("one", "np2", "sliced"))
+    assert sorted(one) == ["manifest.json", "rejects.jsonl", "test-00000-of-00001.arrow", "test_eval.jsonl",
+                           "train-00000-of-00001.arrow"]
+    assert one == np2
+    ms = json.loads(sliced.pop("manifest.json"))
+    m1 = json.loads(one.pop("manifest.json"))
+    assert one == sliced and ms["splits"] == m1["splits"] and ms["preparation"]["slices"] == 2
+    tr, te = m["splits"]["train"], m["splits"]["test"]
+    assert te["tasks"] == m["heldout_tasks"] and not set(tr["tasks"]) & set(te["tasks"])
+    assert te["eval_instances"] == 10 * len(te["tasks"]) and set(te["examples_per_task"].values()) == {10}
+    assert max(tr["examples_per_task"].values()) == 20 and m["prompt_format"] == "tk_instruct"
+    assert m["source"]["kind"] == "superni" and len(m["source_files"]) == len(tr["tasks"]) + len(te["tasks"])

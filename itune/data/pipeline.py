@@ -1,6 +1,7 @@
-"""Preparation of instruction files at scale: chunks -> worker processes -> slices on disk -> one merge.
+"""Preparation at scale: chunks -> worker processes -> slices on disk -> one merge.
 
-Flow of ``itune-data prepare --input ...`` (:func:`itune.data.prepare.prepare_sources`)::
+Flow of ``itune-data prepare`` (:func:`itune.data.prepare.prepare_sources` for instruction files,
+:func:`itune.data.prepare.prepare_superni` for SuperNI task files, one source per task)::
 
     records of every source, in order ──▶ chunks of CHUNK_RECORDS records (chunk k belongs to slice k % num_slices)
       ──▶ process_chunk (parse, render, tokenize: a pure function of the chunk, run by --num-proc workers)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -43,7 +45,7 @@ from itune.data import pack, shards
 from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS, IGNORE_INDEX, \
     render_batch, render_prompt
 from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, decode_jsonl_line, is_json_array,
-                                iter_jsonl_lines, iter_records, parse_record)
+                                iter_jsonl_lines, iter_records, parse_record, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, DataFormatError, ManifestError
@@ -71,6 +73,11 @@ class SourceSpec:
         format / template: see :data:`itune.data.sources.FORMATS`, :data:`itune.data.render.TEMPLATES`.
         weight: mixture weight: the number of its examples written is ``round(weight * n)`` (n after the per-task
             cap); 0.5 keeps a seeded half, 2.0 writes each example twice, 2.5 twice plus a seeded half.
+        cap: read only the first ``cap`` records (SuperNI task files: ``max_instances_per_task``, and the official
+            first 100 instances of a test task).
+
+    Format ``superni`` is a SuperNI task file (``tasks/<task>.json``); its records are its instances, rendered
+    with the Tk-Instruct prompt (:data:`PipelinePlan.superni` options).
     """
 
     path: str
@@ -78,6 +85,7 @@ class SourceSpec:
     format: str
     template: str
     weight: float = 1.0
+    cap: int | None = None
 
 
 @dataclass
@@ -105,6 +113,8 @@ class PipelinePlan:
     num_slices: int = 1
     chunk_records: int = CHUNK_RECORDS
     source_kind: dict = field(default_factory=dict)
+    superni: dict | None = None
+    extra_manifest: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         d = asdict(self)
@@ -127,14 +137,21 @@ def template_fingerprint(templates: list[str], tok: TextTokenizer) -> str:
 
 def iter_chunks(plan: PipelinePlan):
     """Yields ``(chunk index, source index, items)``; an item is ``(location, payload, kind)`` with kind ``raw``
-    (undecoded JSONL line; payload ``(bytes, is first line)``) or ``rec`` (a parsed record or a RecordError)."""
+    (undecoded JSONL line; payload ``(bytes, is first line)``), ``rec`` (a parsed record or a RecordError) or
+    ``example`` (SuperNI: ``(Example or None, reject reason or None)``)."""
     k = 0
     for si, spec in enumerate(plan.sources):
         path = Path(spec.path)
-        if path.suffix.lower() not in PARQUET_SUFFIXES + ARROW_SUFFIXES and not is_json_array(path):
+        if spec.format == "superni":
+            sn = plan.superni
+            items = ((ref, (ex, reason), "example") for ex, reason, ref in
+                     read_superni_task(path, sn["num_pos_examples"], sn["add_definition"], spec.cap))
+        elif path.suffix.lower() not in PARQUET_SUFFIXES + ARROW_SUFFIXES and not is_json_array(path):
             items = ((loc, (raw, first), "raw") for loc, raw, first in iter_jsonl_lines(path))
         else:
             items = ((loc, rec, "rec") for loc, rec in iter_records(path))
+        if spec.cap is not None and spec.format != "superni":
+            items = itertools.islice(items, spec.cap)
         buf = []
         for item in items:
             buf.append(item)
@@ -172,13 +189,24 @@ def process_chunk(job) -> dict:
            "error": None, "eval": []}
     examples, locs = [], []
 
+    split = "test" if plan.task_field is None and spec.name in _WORKER["heldout"] else "train"
+
     def reject(loc, ex, reason, message=None):
         res["rejected"][reason] += 1
-        res["rejects"].append({"split": "train", "source": spec.path, "record": loc,
+        res["rejects"].append({"split": split, "source": spec.path, "record": loc,
                                "id": ex.id if ex is not None else None, "reason": reason,
                                **({"message": message} if message else {}), "_chunk": k})
 
     for loc, payload, kind in items:
+        if kind == "example":
+            ex, reason = payload
+            if ex is None:
+                res["bad"] += 1
+                reject(loc, None, reason)
+            else:
+                examples.append(ex)
+                locs.append(loc)
+            continue
         rec = decode_jsonl_line(payload[0], loc, payload[1]) if kind == "raw" else payload
         try:
             if isinstance(rec, RecordError):
@@ -377,20 +405,6 @@ class _TokenReader:
             os.close(b)
 
 
-class MemoryTokens:
-    """Token source for :func:`write_split_rows` from examples held in memory (one slice, index 0)."""
-
-    def __init__(self, input_ids: list, labels: list):
-        self.ids = np.concatenate([np.asarray(x, np.int32) for x in input_ids]) if input_ids else np.zeros(0, np.int32)
-        lab = np.concatenate([np.asarray(x, np.int32) for x in labels]) if labels else np.zeros(0, np.int32)
-        self.trained = (lab != IGNORE_INDEX).astype(np.uint8)
-        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in input_ids], dtype=np.int64)[:-1]]) \
-            if input_ids else np.zeros(0, np.int64)
-
-    def read(self, sl: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.ids[offset:offset + length], self.trained[offset:offset + length]
-
-
 def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
     """``{"edges", "counts"}`` over integer bins of ``[0, hi]`` (as ``itune-data stats``)."""
     edges = int_edges(hi, bins)
@@ -518,16 +532,18 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
     sources = []
     read = bad = 0
     rejected: Counter = Counter()
+    rejected_test: Counter = Counter()
     for si, spec in enumerate(plan.sources):
         s_read = sum(s["sources"][si]["read"] for s in summaries)
-        if s_read == 0:
+        if s_read == 0 and spec.format != "superni":
             raise DataFormatError(f"{spec.path}: no record found (an empty file?)")
         s_rej = Counter()
         for s in summaries:
             s_rej.update(s["sources"][si]["rejected"])
         read += s_read
         bad += sum(s["sources"][si]["bad"] for s in summaries)
-        rejected.update(s_rej)
+        # rejected records count with the split of their source (a held-out SuperNI task), else with train
+        (rejected_test if plan.task_field is None and spec.name in plan.heldout_tasks else rejected).update(s_rej)
         sources.append({"path": spec.path, "sha256": plan.source_sha256[si], "name": spec.name,
                         "format": spec.format, "template": spec.template, "weight": spec.weight,
                         "counts": {"read": s_read, "written": sum(s["sources"][si]["written"] for s in summaries),
@@ -537,11 +553,12 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
     if plan.max_bad_fraction is not None and bad > plan.max_bad_fraction * read:
         raise DataFormatError(
             f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {plan.max_bad_fraction}; "
-            f"reasons {dict(rejected)}; every one is listed in {out_dir / 'rejects.jsonl'}")
+            f"reasons {dict(rejected + rejected_test)}; every one is listed in {out_dir / 'rejects.jsonl'}")
     n = len(meta["length"])
     heldout = list(plan.heldout_tasks)
-    is_test = np.asarray([t in set(heldout) for t in meta["task"]], dtype=bool) if heldout else np.zeros(n, bool)
-    if heldout:
+    hs = set(heldout)
+    is_test = np.asarray([t in hs for t in meta["task"]], dtype=bool) if heldout else np.zeros(n, bool)
+    if heldout and plan.task_field:
         present = set(meta["task"])
         missing = [t for t in heldout if t not in present]
         if missing:
@@ -561,10 +578,12 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
             info = write_split_rows(out_dir, split, idx, meta, reader, plan.seq_len, tok.pad_id, plan.seed, plan.pack,
                                     plan.max_rows_per_shard)
             written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
-            rej = rejected if split == "train" else Counter()  # rejects are counted with the training split
-            info = {"tasks": list(dict.fromkeys(meta["task"][i] for i in idx.tolist()))
-                    if plan.task_field or split == "test"
-                    else list(dict.fromkeys(s.name for s in plan.sources)),
+            rej = rejected if split == "train" else rejected_test
+            if plan.task_field:
+                tasks = list(dict.fromkeys(meta["task"][i] for i in idx.tolist()))
+            else:  # a source is a task: every source of the split, even one left without examples
+                tasks = list(dict.fromkeys(s.name for s in plan.sources if (s.name in heldout) == (split == "test")))
+            info = {"tasks": tasks,
                     "counts": {"read": written + sum(rej.values()), "written": written,
                                "rejected": {k: rej[k] for k in sorted(rej)}}, **info}
             if split == "test":
@@ -586,6 +605,7 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
         "sources": sources,
         "mixture": mixture,
         "template": templates[0] if len(templates) == 1 else "per_source",
+        **plan.extra_manifest,
         "template_fingerprint": plan.template_fingerprint,
         "tokenizer": plan.tokenizer_info,
         "packing": "best_fit_decreasing" if plan.pack else "none",

@@ -7,17 +7,13 @@ records are also written, with their reason and location, to ``rejects.jsonl``.
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from itune import __version__
 from itune.data import shards
-from itune.data.render import TEMPLATES, TRAIN_ON, render, render_prompt
-from itune.data.sources import FORMATS, read_split_file, read_superni_task, sniff_format, superni_task_path
+from itune.data.render import TEMPLATES, TRAIN_ON
+from itune.data.sources import FORMATS, read_split_file, sniff_format, superni_task_path
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError
 
@@ -43,6 +39,7 @@ class PrepareOptions:
         seed: shuffle seed (rows are shuffled after packing).
         max_rows_per_shard: rows per Arrow file.
         pack: best-fit-decreasing packing; False writes one example per row (for comparison).
+        num_proc / shard_index / num_shards / keep_slices: as :class:`SourcesOptions`.
     """
 
     superni_dir: Path
@@ -60,6 +57,10 @@ class PrepareOptions:
     max_rows_per_shard: int = 4096
     overwrite: bool = False
     pack: bool = True
+    num_proc: int = 1
+    shard_index: int | None = None
+    num_shards: int | None = None
+    keep_slices: bool = False
 
 
 def check_superni_dir(root: Path) -> None:
@@ -81,84 +82,25 @@ def _split_file(opts: PrepareOptions, given: Path | None, name: str) -> Path:
     raise ConfigError(f"{opts.superni_dir}/splits/{name}: not found; pass the split file explicitly")
 
 
-def _prepare_split(split, task_names, opts, tok, cap, rejects, eval_cap=None):
-    read = 0
-    rejected: Counter = Counter()
-    rendered, examples, eval_records, files = [], [], [], {}
-    tasks_dir = opts.superni_dir / "tasks"
-    for name in task_names:
-        path = superni_task_path(tasks_dir, name)
-        files[str(path)] = shards.sha256_file(path)
-        for ex, reason, ref in read_superni_task(path, opts.num_pos_examples, opts.add_definition, cap):
-            read += 1
-            if ex is not None:
-                r, reason = render(ex, tok, opts.seq_len, overflow=opts.overflow)
-            if reason is not None:
-                rejected[reason] += 1
-                rejects.append({"split": split, "record": ref, "id": ex.id if ex else None, "reason": reason})
-                continue
-            rendered.append(r)
-            examples.append(ex)
-    if eval_cap is not None:
-        per_task: Counter = Counter()
-        for ex in examples:
-            if per_task[ex.task] < eval_cap:
-                per_task[ex.task] += 1
-                eval_records.append({"id": ex.id, "task_id": ex.task, "task_category": ex.category,
-                                     "track": "default", "references": ex.references,
-                                     "prompt_ids": render_prompt(ex, tok)})
-    return read, rejected, rendered, examples, eval_records, files
-
-
-def _write_split(out_dir, split, tasks, read, rejected, rendered, examples, seq_len, pad_id, seed, packed,
-                 max_rows_per_shard) -> dict:
-    """Packs (or not), writes the shards of one split held in memory and returns its manifest entry."""
-    import numpy as np
-
-    from itune.data.pipeline import MemoryTokens, write_split_rows
-
-    meta = {"length": np.asarray([len(r.input_ids) for r in rendered], np.int64),
-            "trainable": np.asarray([r.num_trainable for r in rendered], np.int64),
-            "slice": np.zeros(len(rendered), np.int64), "task": [e.task for e in examples],
-            "id": [e.id for e in examples]}
-    reader = MemoryTokens([r.input_ids for r in rendered], [r.labels for r in rendered])
-    meta["offset"] = reader.offsets
-    info = write_split_rows(out_dir, split, np.arange(len(rendered)), meta, reader, seq_len, pad_id, seed, packed,
-                            max_rows_per_shard)
-    return {"tasks": tasks,
-            "counts": {"read": read, "written": len(rendered), "rejected": {k: rejected[k] for k in sorted(rejected)}},
-            **info}
-
-
-def _write_manifest(manifest: dict, opts, tok, heldout: list, splits: dict, t0: float) -> dict:
-    """Adds the keys every preparation shares and writes ``manifest.json`` last, atomically."""
-    manifest.update({
-        "tokenizer": _tokenizer_info(opts.tokenizer, tok),
-        "packing": "best_fit_decreasing" if opts.pack else "none",
-        "overflow": opts.overflow,
-        "seq_len": opts.seq_len,
-        "seed": opts.seed,
-        "heldout_tasks": heldout,
-        "splits": splits,
-        "seconds": round(time.time() - t0, 3),
-    })
-    shards.atomic_write_text(opts.out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
 def _tokenizer_info(path, tok) -> dict:
     return {"path": str(path), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
 
 
 def prepare_superni(opts: PrepareOptions) -> dict:
-    """Runs the whole preparation and returns the manifest (also written to ``out_dir/manifest.json``).
+    """Prepares a SuperNI checkout (train tasks -> split ``train``, test tasks -> held-out split ``test`` with
+    ``test_eval.jsonl``) and returns the manifest (also ``out_dir/manifest.json``).
+
+    Runs :mod:`itune.data.pipeline` with one source per task file (format ``superni``): ``num_proc`` workers, and
+    with ``num_shards`` > 1 only slice ``shard_index`` (returning its summary; ``itune-data merge`` finishes).
 
     Raises:
-        ConfigError: missing split files, or an output directory that already holds prepared data.
+        ConfigError: missing split files, a task in both splits, or an output directory that already holds
+            prepared data.
         DataFormatError: an unreadable task file (names the file and line).
     """
-    t0 = time.time()
+    from itune.data import pipeline
+
     opts.superni_dir, opts.out_dir, opts.tokenizer = Path(opts.superni_dir), Path(opts.out_dir), Path(opts.tokenizer)
     if opts.seq_len < 16:
         raise ConfigError(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
@@ -169,39 +111,31 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     overlap = sorted(set(train_tasks) & set(test_tasks))
     if overlap:
         raise ConfigError(f"tasks in both the train and the test split: {overlap}; held-out tasks must be unseen")
+    shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
     tok = TextTokenizer.load(opts.tokenizer)
+    tasks_dir = opts.superni_dir / "tasks"
+    specs = [pipeline.SourceSpec(str(superni_task_path(tasks_dir, name)), name, "superni", "completion", 1.0, cap)
+             for names, cap in ((train_tasks, opts.max_instances_per_task),
+                                (test_tasks, opts.max_eval_instances_per_task))
+             for name in names]
+    sn = {"num_pos_examples": opts.num_pos_examples, "add_definition": opts.add_definition}
+    plan = pipeline.PipelinePlan(
+        sources=specs, source_sha256=[shards.sha256_file(s.path) for s in specs], tokenizer=str(opts.tokenizer),
+        tokenizer_info=_tokenizer_info(opts.tokenizer, tok), seq_len=opts.seq_len, fields={}, train_on="all",
+        overflow=opts.overflow, on_error="skip", max_bad_fraction=None, task_field=None, heldout_tasks=test_tasks,
+        max_eval_instances_per_task=opts.max_eval_instances_per_task, max_per_task=None, seed=opts.seed,
+        pack=opts.pack, max_rows_per_shard=opts.max_rows_per_shard,
+        template_fingerprint=pipeline.template_fingerprint(["completion", "tk_instruct"], tok),
+        num_slices=num_shards, superni=sn,
+        source_kind={"kind": "superni", "path": str(opts.superni_dir), **sn,
+                     "max_instances_per_task": opts.max_instances_per_task},
+        extra_manifest={"prompt_format": "tk_instruct"})
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
-    rejects: list[dict] = []
-    splits, files = {}, {}
-    for split, names, cap, eval_cap in (
-        ("train", train_tasks, opts.max_instances_per_task, None),
-        ("test", test_tasks, opts.max_eval_instances_per_task, opts.max_eval_instances_per_task),
-    ):
-        read, rejected, rendered, examples, eval_records, f = _prepare_split(split, names, opts, tok, cap,
-                                                                             rejects, eval_cap)
-        files.update(f)
-        info = _write_split(opts.out_dir, split, names, read, rejected, rendered, examples, opts.seq_len,
-                            tok.pad_id, opts.seed, opts.pack, opts.max_rows_per_shard)
-        if eval_cap is not None:
-            eval_name = f"{split}_eval.jsonl"
-            shards.atomic_write_text(opts.out_dir / eval_name,
-                                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_records))
-            info["eval_file"] = eval_name
-            info["eval_instances"] = len(eval_records)
-            info["eval_sha256"] = shards.sha256_file(opts.out_dir / eval_name)
-        splits[split] = info
-    shards.atomic_write_text(opts.out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    manifest = {
-        "format_version": shards.FORMAT_VERSION,
-        "created_by": f"itune {__version__}",
-        "source": {"kind": "superni", "path": str(opts.superni_dir), "num_pos_examples": opts.num_pos_examples,
-                   "add_definition": opts.add_definition, "max_instances_per_task": opts.max_instances_per_task},
-        "source_files": files,
-        "template": "completion",
-        "prompt_format": "tk_instruct",
-    }
-    return _write_manifest(manifest, opts, tok, test_tasks, splits, t0)
+    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
+    if num_shards > 1:
+        return summary
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices)
 
 
 @dataclass
