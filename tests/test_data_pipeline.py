@@ -232,3 +232,22 @@ def test_superni_slices_and_workers_equal_single_process(tmp_path):
     assert te["eval_instances"] == 10 * len(te["tasks"]) and set(te["examples_per_task"].values()) == {10}
     assert max(tr["examples_per_task"].values()) == 20 and m["prompt_format"] == "tk_instruct"
     assert m["source"]["kind"] == "superni" and len(m["source_files"]) == len(tr["tasks"]) + len(te["tasks"])
+
+
+def test_token_reader_reopens_past_its_open_file_limit(tmp_path):
+    from itune.data.pipeline import _TokenReader
+
+    dirs = []
+    for k in range(3):
+        d = tmp_path / f"s{k}"
+        d.mkdir()
+        (d / "tokens.bin").write_bytes(np.arange(10 * k, 10 * k + 10, dtype=np.int32).tobytes())
+        (d / "trained.bin").write_bytes(bytes([k % 2] * 10))
+        dirs.append(d)
+    r = _TokenReader(dirs, max_open=2)
+    for sl in (0, 1, 2, 0, 2, 1):
+        ids, tr = r.read(sl, 3, 4)
+        assert ids.tolist() == [10 * sl + 3 + i for i in range(4)] and tr.tolist() == [sl % 2] * 4
+        assert len(r.fds) <= 2
+    r.close()
+    assert r.fds == {}

@@ -388,21 +388,28 @@ def _select(plan: PipelinePlan, idx: np.ndarray, source: np.ndarray, task: list,
 
 
 class _TokenReader:
-    """Reads one example's tokens and trained mask back from its slice files (``pread``; nothing mapped)."""
+    """Reads one example's tokens and trained mask back from its slice files (``pread``; nothing mapped). At most
+    ``max_open`` slices have open files at a time (a job array may have thousands of slices)."""
 
-    def __init__(self, dirs: list[Path]):
-        self.fds = [(os.open(d / "tokens.bin", os.O_RDONLY), os.open(d / "trained.bin", os.O_RDONLY)) for d in dirs]
+    def __init__(self, dirs: list[Path], max_open: int = 128):
+        self.dirs, self.max_open, self.fds = dirs, max_open, {}
 
     def read(self, sl: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        if sl not in self.fds:
+            if len(self.fds) >= self.max_open:
+                self.close()
+            d = self.dirs[sl]
+            self.fds[sl] = (os.open(d / "tokens.bin", os.O_RDONLY), os.open(d / "trained.bin", os.O_RDONLY))
         fi, ft = self.fds[sl]
         ids = np.frombuffer(os.pread(fi, 4 * length, 4 * offset), dtype=np.int32)
         tr = np.frombuffer(os.pread(ft, length, offset), dtype=np.uint8)
         return ids, tr
 
     def close(self) -> None:
-        for a, b in self.fds:
+        for a, b in self.fds.values():
             os.close(a)
             os.close(b)
+        self.fds.clear()
 
 
 def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:

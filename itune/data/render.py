@@ -305,6 +305,14 @@ class _EncodingSpans:
         return self.enc.token_to_chars(i)[self.part]
 
 
+def _first_at_or_after(starts, p: int, n: int) -> int:
+    """First index i with ``starts[i] >= p`` (``n`` if none); one lookup when ``p`` is past the last token's start
+    (a segment that ends the text, the common case)."""
+    if n == 0 or starts[n - 1] < p:
+        return n
+    return bisect.bisect_left(starts, p)
+
+
 def _label_tokens(ids: list[int], starts, ends, ranges, eos_at, tok: TextTokenizer):
     """BOS + ids with EOS ids inserted, and their labels, as int32 arrays ``[tokens]``.
 
@@ -317,14 +325,14 @@ def _label_tokens(ids: list[int], starts, ends, ranges, eos_at, tok: TextTokeniz
     n = len(ids)
     mask = bytearray(n)
     for s, e in ranges:
-        lo, hi = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)
+        lo, hi = bisect.bisect_right(ends, s), _first_at_or_after(starts, e, n)
         if hi > lo:
             mask[lo:hi] = b"\x01" * (hi - lo)
     out_ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
     out_mask = bytearray(len(out_ids))
     prev = 0
     for p, trained in eos_at:  # EOS insertion points are non-decreasing
-        w = bisect.bisect_left(starts, p)
+        w = _first_at_or_after(starts, p, n)
         out_ids += ids[prev:w]
         out_ids.append(tok.eos_id)
         out_mask += mask[prev:w]
