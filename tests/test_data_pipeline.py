@@ -251,3 +251,43 @@ def test_token_reader_reopens_past_its_open_file_limit(tmp_path):
         assert len(r.fds) <= 2
     r.close()
     assert r.fds == {}
+
+
+def test_workers_get_chunks_not_the_dataset(tmp_path):
+    """Bounded memory (pitfalls: datasets num_proc workers receive the whole table; in-memory packing does not
+    scale): at most 2 x num_proc chunks are read ahead of the results, whatever the input size."""
+    from itune.data import pipeline
+
+    f = _jsonl(tmp_path / "many.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)])
+    plan = pipeline.PipelinePlan(
+        sources=[pipeline.SourceSpec(str(f), "many", "prompt_completion", "completion")], source_sha256=["x"], tokenizer=str(MISTRAL), tokenizer_info={},
+        seq_len=64, fields={}, train_on="all", overflow="drop", on_error="skip", max_bad_fraction=None,
+        task_field=None, heldout_tasks=[], max_eval_instances_per_task=1, max_per_task=None, seed=0, pack=True,
+        max_rows_per_shard=10, template_fingerprint="x", chunk_records=2)
+    pulled = []
+
+    def jobs():
+        for job in pipeline.iter_chunks(plan):
+            pulled.append(job[0])
+            yield job
+
+    ahead = []
+    for k, res in enumerate(pipeline._ordered_results(jobs(), 2, plan)):
+        assert res["chunk"] == k  # results in job order
+        ahead.append(len(pulled) - k)
+    assert k == 19 and max(ahead) == 4 and len(pulled) == 20
+
+
+def test_examples_are_shuffled_before_packing(tmp_path):
+    """Equal-length examples are not packed in file order (pitfalls: shuffling only after packing)."""
+    f = _jsonl(tmp_path / "same.jsonl", [{"prompt": f"question {i:03d}", "completion": "yes"} for i in range(60)])
+    rows = {}
+    for seed in (0, 1):
+        prepare_sources(_opts(tmp_path / f"s{seed}", [f], seq_len=64, seed=seed))
+        t = open_split(tmp_path / f"s{seed}", "train")
+        rows[seed] = sorted(tuple(sorted(x)) for x in t["example_ids"].to_pylist())
+        lens = set(sum(t["example_lengths"].to_pylist(), []))
+        assert len(lens) == 1  # every example has the same length: only the shuffle decides the rows
+    in_file_order = [tuple(f"same.jsonl:{i + 1}" for i in range(r, r + len(rows[0][0])))
+                     for r in range(0, 60, len(rows[0][0]))]
+    assert rows[0] != rows[1] and sorted(rows[0]) != sorted(in_file_order)
