@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from itune import __version__
 from itune.data import pack, shards
@@ -349,31 +350,35 @@ def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
     return PipelinePlan(**p), summaries
 
 
-def _select(plan: PipelinePlan, idx: np.ndarray, source: np.ndarray, task: list, trainable: np.ndarray,
-            rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """Mixture of the training examples ``idx`` (global order): per-task cap, then per-source weight.
 
+    The cap keeps a seeded random subset of ``max_per_task`` examples of each larger task (tasks visited in name
+    order); a source's weight w then takes ``round(w * n)`` of its n remaining examples (whole copies, then a seeded
+    subset for the fraction). Kept examples stay in their global order.
+
     Returns:
-        (selected example indices, repeats allowed, in a deterministic order; the realised mixture).
+        (selected example indices, repeats allowed; the realised mixture).
     """
     keep = idx
     capped: dict = {}
-    if plan.max_per_task is not None:
-        by_task: dict = collections.defaultdict(list)
-        for i in idx:
-            by_task[task[i]].append(i)
+    codes, names = meta["task_code"], meta["task_names"]
+    if plan.max_per_task is not None and len(idx):
+        grouped = idx[np.argsort(codes[idx], kind="stable")]  # examples by task, global order within a task
+        counts = np.bincount(codes[idx], minlength=len(names))
+        starts = np.concatenate([[0], np.cumsum(counts)])
         kept = []
-        for t in sorted(by_task):
-            members = by_task[t]
+        for c in sorted(range(len(names)), key=lambda c: names[c]):
+            members = grouped[starts[c]:starts[c + 1]]
             if len(members) > plan.max_per_task:
-                capped[t] = len(members) - plan.max_per_task
-                members = sorted(rng.permutation(members)[:plan.max_per_task].tolist())
-            kept.extend(members)
-        keep = np.asarray(sorted(kept), dtype=np.int64)
+                capped[names[c]] = len(members) - plan.max_per_task
+                members = rng.permutation(members)[:plan.max_per_task]
+            kept.append(members)
+        keep = np.sort(np.concatenate(kept))
     chosen = []
-    mixture = {"max_per_task": plan.max_per_task, "capped_per_task": capped, "sources": []}
+    mixture = {"max_per_task": plan.max_per_task, "capped_per_task": dict(sorted(capped.items())), "sources": []}
     for si, spec in enumerate(plan.sources):
-        members = keep[source[keep] == si]
+        members = keep[meta["source"][keep] == si]
         n = len(members)
         target = int(round(spec.weight * n))
         whole, rest = divmod(target, n) if n else (0, 0)
@@ -383,7 +388,7 @@ def _select(plan: PipelinePlan, idx: np.ndarray, source: np.ndarray, task: list,
         sel = np.concatenate(sel) if sel else np.zeros(0, np.int64)
         chosen.append(sel)
         mixture["sources"].append({"name": spec.name, "weight": spec.weight, "available": n, "examples": len(sel),
-                                   "trainable_tokens": int(trainable[sel].sum())})
+                                   "trainable_tokens": int(meta["trainable"][sel].sum())})
     return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), mixture
 
 
@@ -446,7 +451,6 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     n_rows = len(rows)
     num_shards = max(1, -(-n_rows // max_rows_per_shard))
     shard_list = []
-    ids_col = meta["id"]
     for s in range(num_shards):
         lo, hi = s * max_rows_per_shard, min(n_rows, (s + 1) * max_rows_per_shard)
         name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
@@ -468,7 +472,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
                             int(meta["slice"][g]), int(meta["offset"][g]), n)
                         position_ids[j, pos:pos + n] = _ARANGE[:n]
                         pos += n
-                        ex_ids.append(ids_col[g])
+                        ex_ids.append(g)
                     position_ids[j, pos:] = _ARANGE[:seq_len - pos]
                     ex_lens.append(len(row))
                 labels = np.where(trained.astype(bool), input_ids, np.int32(IGNORE_INDEX))
@@ -479,7 +483,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
                         pa.ListArray.from_arrays(fixed, pa.array(labels.reshape(-1))),
                         pa.ListArray.from_arrays(fixed, pa.array(position_ids.reshape(-1))),
                         pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
-                        pa.ListArray.from_arrays(counts, pa.array(ex_ids, pa.string()))]
+                        pa.ListArray.from_arrays(counts, meta["id"].take(pa.array(ex_ids, pa.int64())))]
                 writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
         os.replace(tmp, out_dir / name)
         shard_list.append({"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
@@ -488,8 +492,8 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     fills = np.asarray([sum(int(lengths[i]) for i in row) for row in rows], dtype=np.int64)
     return {
         "examples": int(len(ex)),
-        "examples_per_task": dict(sorted(Counter(meta["task"][g] for g in ex.tolist()).items())),
-        "trainable_tokens_per_task": _per_task_sum(meta, ex),
+        "examples_per_task": _per_task(meta, ex),
+        "trainable_tokens_per_task": _per_task(meta, ex, meta["trainable"]),
         "rows": n_rows,
         "tokens": tokens,
         "trainable_tokens": int(meta["trainable"][ex].sum()),
@@ -502,11 +506,14 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     }
 
 
-def _per_task_sum(meta: dict, ex: np.ndarray) -> dict:
-    out: Counter = Counter()
-    for g in ex.tolist():
-        out[meta["task"][g]] += int(meta["trainable"][g])
-    return dict(sorted(out.items()))
+def _per_task(meta: dict, ex: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """Examples (or the sum of ``weights``) per task name over the example indices ``ex``, sorted by name."""
+    names = meta["task_names"]
+    codes = meta["task_code"][ex]
+    total = np.bincount(codes, weights=None if weights is None else weights[ex].astype(np.float64),
+                        minlength=len(names))
+    return {names[c]: int(total[c]) for c in sorted(np.flatnonzero(np.bincount(codes, minlength=len(names))),
+                                                    key=lambda c: names[c])}
 
 
 def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
@@ -532,9 +539,11 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
     order = np.argsort(table["chunk"].to_numpy(), kind="stable")  # chunk order = single-process order
     table = table.take(pa.array(order))
     meta = {k: table[k].to_numpy() for k in ("source", "length", "trainable", "offset", "slice")}
-    meta["task"] = table["task"].to_pylist()
-    meta["id"] = table["id"].to_pylist()
-    del table, tables
+    tasks = pc.dictionary_encode(table["task"].combine_chunks())
+    meta["task_code"] = tasks.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    meta["task_names"] = tasks.dictionary.to_pylist()
+    meta["id"] = table["id"].combine_chunks()  # Arrow strings, taken per batch of rows
+    del table, tables, tasks
     # counts per source (read = written + rejected), rejects and eval candidates in chunk order
     sources = []
     read = bad = 0
@@ -561,19 +570,18 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
         raise DataFormatError(
             f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {plan.max_bad_fraction}; "
             f"reasons {dict(rejected + rejected_test)}; every one is listed in {out_dir / 'rejects.jsonl'}")
-    n = len(meta["length"])
     heldout = list(plan.heldout_tasks)
-    hs = set(heldout)
-    is_test = np.asarray([t in hs for t in meta["task"]], dtype=bool) if heldout else np.zeros(n, bool)
+    names = meta["task_names"]
+    is_test = np.isin(meta["task_code"], [c for c, t in enumerate(names) if t in set(heldout)])
     if heldout and plan.task_field:
-        present = set(meta["task"])
+        present = set(names)
         missing = [t for t in heldout if t not in present]
         if missing:
             raise ConfigError(f"held-out tasks {missing} have no example (tasks found via --task-field "
                               f"{plan.task_field!r}: {sorted(present)[:20]})")
     rng = np.random.default_rng(plan.seed)
     train_idx = np.flatnonzero(~is_test)
-    sel, mixture = _select(plan, train_idx, meta["source"], meta["task"], meta["trainable"], rng)
+    sel, mixture = _select(plan, train_idx, meta, rng)
     for src, mix in zip(sources, mixture["sources"]):
         src["mixture"] = {k: mix[k] for k in ("available", "examples", "trainable_tokens")}
     tok = TextTokenizer.load(plan.tokenizer)
@@ -587,7 +595,8 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
             written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
             rej = rejected if split == "train" else rejected_test
             if plan.task_field:
-                tasks = list(dict.fromkeys(meta["task"][i] for i in idx.tolist()))
+                first = np.unique(meta["task_code"][idx], return_index=True)
+                tasks = [names[c] for _, c in sorted(zip(first[1].tolist(), first[0].tolist()))]
             else:  # a source is a task: every source of the split, even one left without examples
                 tasks = list(dict.fromkeys(s.name for s in plan.sources if (s.name in heldout) == (split == "test")))
             info = {"tasks": tasks,
