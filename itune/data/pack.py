@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+
 
 def best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     """Packs example indices into rows.
 
     Args:
-        lengths: token count of each example (each must be in [1, seq_len]).
+        lengths: token count of each example (each must be in [1, seq_len]); a list or an integer array.
         seq_len: row capacity in tokens.
 
     Returns:
@@ -30,10 +32,13 @@ def best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     Raises:
         ValueError: an example is empty or longer than ``seq_len``.
     """
-    for i, n in enumerate(lengths):
-        if not 1 <= n <= seq_len:
-            raise ValueError(f"example {i} has {n} tokens; every example must have 1..{seq_len} (seq_len) tokens")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    lens = np.asarray(lengths, dtype=np.int64)
+    bad = np.flatnonzero((lens < 1) | (lens > seq_len))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"example {i} has {lens[i]} tokens; every example must have 1..{seq_len} (seq_len) tokens")
+    order = np.lexsort((np.arange(len(lens)), -lens)).tolist()  # length decreasing, then index
+    lengths = lens.tolist()
     rows: list[list[int]] = []
     # open rows sorted by (remaining space, row index)
     free: list[tuple[int, int]] = []
