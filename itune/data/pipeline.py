@@ -516,18 +516,19 @@ def _per_task(meta: dict, ex: np.ndarray, weights: np.ndarray | None = None) -> 
                                                     key=lambda c: names[c])}
 
 
-def merge_slices(out_dir: str | Path, keep_slices: bool = False) -> dict:
+def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float | None = None) -> dict:
     """Combines every slice of ``out_dir/slices`` into packed shards and ``manifest.json`` (written last).
 
     The examples are taken in chunk order, which is the order a single process reads them, so the output equals a
-    one-slice preparation byte for byte.
+    one-slice preparation byte for byte. ``started`` (``time.time()``) is when the whole preparation began, for the
+    manifest's ``seconds`` (default: the merge's own start).
 
     Raises:
         ManifestError: a slice is missing or unfinished, or slices disagree on options or inputs.
         DataFormatError: more bad records than ``max_bad_fraction``.
         ConfigError: a held-out task without any example.
     """
-    t0 = time.time()
+    t0 = time.time() if started is None else started
     out_dir = Path(out_dir)
     plan, summaries = _load_slices(out_dir)
     dirs = [slice_dir(out_dir, s["index"], plan.num_slices) for s in summaries]

@@ -8,6 +8,7 @@ records are also written, with their reason and location, to ``rejects.jsonl``.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     """
     from itune.data import pipeline
 
+    t0 = time.time()
     opts.superni_dir, opts.out_dir, opts.tokenizer = Path(opts.superni_dir), Path(opts.out_dir), Path(opts.tokenizer)
     if opts.seq_len < 16:
         raise ConfigError(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
@@ -135,7 +137,7 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
     if num_shards > 1:
         return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices)
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
 
 
 @dataclass
@@ -346,6 +348,7 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     """
     from itune.data import pipeline
 
+    t0 = time.time()
     opts.inputs = [x if isinstance(x, dict) else Path(x) for x in opts.inputs]
     opts.out_dir, opts.tokenizer = Path(opts.out_dir), Path(opts.tokenizer)
     opts.fields = dict(opts.fields or {})
@@ -370,4 +373,4 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
     if num_shards > 1:
         return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices)
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
