@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -187,7 +186,11 @@ def _inspect(a) -> int:
             print(text)
             print("--")
             pos += n
-    print(json.dumps({s: i["examples_per_task"] for s, i in m["splits"].items()}, indent=1))
+    for split, info in m["splits"].items():  # per-task statistics
+        trained = info.get("trainable_tokens_per_task", {})
+        print(f"== {split}: task, examples" + (", trained tokens" if trained else ""))
+        for task, n in info["examples_per_task"].items():
+            print(f"{task}\t{n}" + (f"\t{trained.get(task, 0)}" if trained else ""))
     return 0
 
 

@@ -291,3 +291,17 @@ def test_examples_are_shuffled_before_packing(tmp_path):
     in_file_order = [tuple(f"same.jsonl:{i + 1}" for i in range(r, r + len(rows[0][0])))
                      for r in range(0, 60, len(rows[0][0]))]
     assert rows[0] != rows[1] and sorted(rows[0]) != sorted(in_file_order)
+
+
+def test_inspect_marks_trained_tokens_and_prints_task_statistics(tmp_path, capsys):
+    f = _jsonl(tmp_path / "t.jsonl", [{"prompt": "Say hi", "completion": "hi", "task": "greet"},
+                                      {"prompt": "Say yes", "completion": "yes", "task": "agree"},
+                                      {"prompt": "Say no", "completion": "no", "task": "agree"}])
+    prepare_sources(_opts(tmp_path / "o", [f], seq_len=64, task_field="task", pack=False))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "o"), "--rows", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    shown = sorted(line for line in out if line.startswith("<s>"))
+    # the first piece carries the metaspace prefix; the response and its EOS are trained
+    assert shown == ["<s> Say hi[[ hi]][[</s>]]", "<s> Say no[[ no]][[</s>]]", "<s> Say yes[[ yes]][[</s>]]"]
+    assert out[-3:] == ["== train: task, examples, trained tokens", "agree\t2\t4", "greet\t1\t2"]
