@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

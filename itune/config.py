@@ -31,6 +31,11 @@ class ModelConfig:
         gradient_checkpointing: recompute activations in backward (non-reentrant).
         dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
         trust_remote_code: allow model code from the checkpoint directory (off by default).
+        resize_token_embeddings: when the data's tokenizer has more tokens than the model's embedding
+            (``vocab_size`` of the model config), grow the input embedding and an untied ``lm_head`` to the
+            tokenizer size before training, new rows set to the mean of the old rows; false refuses such a run.
+        pad_vocab_size_to_multiple_of: round a resized embedding up to a multiple of this many rows (1 = exactly
+            the tokenizer size, as transformers' ``pad_to_multiple_of=None``; 64 suits tensor cores).
     """
 
     pretrained: str | None = None
@@ -43,6 +48,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     dtype: str = "auto"
     trust_remote_code: bool = False
+    resize_token_embeddings: bool = True
+    pad_vocab_size_to_multiple_of: int = 1
 
 
 @dataclass
@@ -102,6 +109,10 @@ class TrainConfig:
             training); results in ``output_dir/eval/step{N}/`` and TensorBoard.
         generate_max_instances: instances per held-out task for those evaluations.
         generate_max_new_tokens: generation length for those evaluations.
+        skip_nonfinite_steps: optimizer steps whose loss or gradient norm is not finite (on any rank) that may be
+            skipped over the whole run, resumes included: such a step leaves weights, optimizer state and the lr
+            schedule unchanged and the next step reads the next rows. One more stops the run with
+            ``FloatingPointError``; 0 stops at the first.
     """
 
     micro_batch_size: int = 1
@@ -117,6 +128,7 @@ class TrainConfig:
     generate_every: int = 0
     generate_max_instances: int = 5
     generate_max_new_tokens: int = 32
+    skip_nonfinite_steps: int = 0
 
 
 @dataclass
@@ -253,6 +265,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
         e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not sdpa, eager or "
                  "flash_attention_2")
+    if isinstance(cfg.train.skip_nonfinite_steps, int) and cfg.train.skip_nonfinite_steps < 0:
+        e.append(f"train.skip_nonfinite_steps: must be >= 0, got {cfg.train.skip_nonfinite_steps}")
+    if isinstance(cfg.model.pad_vocab_size_to_multiple_of, int) and cfg.model.pad_vocab_size_to_multiple_of < 1:
+        e.append(f"model.pad_vocab_size_to_multiple_of: must be >= 1, got {cfg.model.pad_vocab_size_to_multiple_of}")
     if cfg.checkpoint.keep_last < 1:
         e.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     return e

@@ -106,6 +106,88 @@ def model_config(cfg: RunConfig, vocab_size: int):
     return c
 
 
+def embedding_rows(model_rows: int, tokenizer_size: int, model_cfg: ModelConfig) -> int:
+    """Rows the input embedding (and an untied ``lm_head``) must have to train on data of a tokenizer.
+
+    The model's own ``model_rows`` when the tokenizer fits (a tokenizer smaller than the embedding is fine: the
+    extra rows are never read); else ``tokenizer_size`` rounded up to ``model.pad_vocab_size_to_multiple_of``,
+    e.g. 32771 tokens with multiple 64 -> 32832 rows.
+
+    Raises:
+        ConfigError: the tokenizer is larger and ``model.resize_token_embeddings`` is false (names both sizes).
+    """
+    if tokenizer_size <= model_rows:
+        return model_rows
+    if not model_cfg.resize_token_embeddings:
+        raise ConfigError(
+            f"the data's tokenizer has {tokenizer_size} tokens but the model's embedding has {model_rows} rows "
+            f"(vocab_size); set model.resize_token_embeddings=true to add {tokenizer_size - model_rows} rows "
+            "(initialised to the mean of the existing rows), or prepare the data with the model's tokenizer")
+    m = model_cfg.pad_vocab_size_to_multiple_of
+    return -(-tokenizer_size // m) * m
+
+
+def resize_embeddings(model, rows: int, ds_config: dict | None = None) -> int | None:
+    """Grows the input embedding and an untied output embedding (``lm_head``) to ``rows`` rows in place; every
+    new row (weight and bias) is the mean of the old rows, computed in fp32. Old rows are unchanged. Updates
+    ``model.config.vocab_size``. A no-op when the embedding already has ``rows`` rows or more.
+
+    This is transformers' ``resize_token_embeddings(rows, mean_resizing=True)`` without its random draw: it
+    samples the new rows from N(mean, 1e-9 x covariance) (noise of std 6e-7 per element for rows of std 0.02),
+    on every rank, as full unpartitioned tensors that ``deepspeed.initialize`` later partitions from rank 0's copy.
+    Under ZeRO-3 (parameters partitioned by ``deepspeed.zero.Init``) the new weights are created partitioned
+    with ``deepspeed.zero.Init(config_dict_or_path=ds_config)``, filled on rank 0 inside
+    ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` and broadcast and re-partitioned on exit. Call it
+    on every rank, before the optimizer and ``deepspeed.initialize``.
+
+    Args:
+        model: a transformers causal LM (``get_input_embeddings`` an ``nn.Embedding``, ``get_output_embeddings``
+            an ``nn.Linear``, tied to the input embedding or not, or None).
+        rows: embedding rows wanted (tokens).
+        ds_config: the DeepSpeed config the model was partitioned with (required under ZeRO-3).
+
+    Returns:
+        the number of rows before resizing, or None when nothing changed.
+    """
+    import contextlib
+
+    import deepspeed
+    import torch.distributed as tdist
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    old_rows, hidden = tuple(getattr(inp.weight, "ds_shape", inp.weight.shape))
+    if rows <= old_rows:
+        return None
+    tied = out is not None and out.weight is inp.weight
+    zero3 = hasattr(inp.weight, "ds_id")
+    rank0 = not tdist.is_initialized() or tdist.get_rank() == 0
+    dtype = inp.weight.dtype
+    with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext():
+        new_inp = torch.nn.Embedding(rows, hidden, padding_idx=inp.padding_idx, dtype=dtype)
+        new_out = (torch.nn.Linear(hidden, rows, bias=out.bias is not None, dtype=out.weight.dtype)
+                   if out is not None and not tied else None)
+    pairs = [(inp.weight, new_inp.weight)]
+    if new_out is not None:
+        pairs.append((out.weight, new_out.weight))
+        if out.bias is not None:
+            pairs.append((out.bias, new_out.bias))
+    with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair], modifier_rank=0), torch.no_grad():
+        if rank0 or not zero3:
+            for old, new in pairs:  # [old_rows, hidden] -> [rows, hidden]; a bias [old_rows] -> [rows]
+                new[:old_rows] = old
+                new[old_rows:] = old.float().mean(dim=0).to(new.dtype)
+    inp.weight, inp.num_embeddings = new_inp.weight, rows
+    if tied:
+        out.weight, out.out_features = inp.weight, rows
+    elif new_out is not None:
+        out.weight, out.bias, out.out_features = new_out.weight, new_out.bias, rows
+    model.config.get_text_config().vocab_size = rows
+    for m in (model, getattr(model, "base_model", None)):
+        if m is not None and hasattr(m, "vocab_size"):
+            m.vocab_size = rows
+    return old_rows
+
+
 def build_model(cfg: RunConfig, hf_config, bf16: bool):
     """Builds (random init) or loads (safetensors) the model; partitioned at construction when ZeRO-3 is active.
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, ManifestError
 from itune.loader import PackedRows, step_row_ids
 from itune.loss import count_targets, sum_cross_entropy
-from itune.model import build_ds_config, build_model, flops_per_token, lr_lambda, model_config, param_groups, use_bf16
+from itune.model import (build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda, model_config,
+                         param_groups, resize_embeddings, use_bf16)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1; relaunch to resume
 
@@ -87,20 +88,59 @@ def all_reduce_sum(x: float) -> float:
     return float(t.item())
 
 
-def check_data(cfg: RunConfig, manifest: dict, tokenizer_dir: Path) -> None:
-    """Refuses a run whose data was prepared with another tokenizer, or trains on a held-out task."""
+def tokenizer_extends(base: Path, ext: Path) -> bool:
+    """True when the tokenizer in ``ext`` is the one in ``base`` with tokens added (e.g. special tokens added with
+    transformers' ``add_special_tokens`` and saved): every token of ``base`` (added ones included) has the same
+    id in ``ext``, and both have the same normalizer, pre-tokenizer, model type and BPE merges, so text
+    tokenizes the same except where the new tokens occur."""
+    from tokenizers import Tokenizer
+
+    def parts(d: Path):
+        t = json.loads((Path(d) / "tokenizer.json").read_text(encoding="utf-8"))
+        m = t.get("model") or {}
+        # merges are saved as "a b" or, by newer `tokenizers`, as ["a", "b"]
+        merges = [x.split(" ", 1) if isinstance(x, str) else list(x) for x in m.get("merges") or []]
+        vocab = Tokenizer.from_file(str(Path(d) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        return [t.get("normalizer"), t.get("pre_tokenizer"), m.get("type"), merges], vocab
+
+    (b, b_vocab), (e, e_vocab) = parts(base), parts(ext)
+    return b == e and all(e_vocab.get(k) == i for k, i in b_vocab.items())
+
+
+def check_data(cfg: RunConfig, manifest: dict) -> Path:
+    """Refuses a run whose data was prepared with another tokenizer, or trains on a held-out task.
+
+    Returns:
+        the tokenizer directory exported with the model: the data's tokenizer (``manifest["tokenizer"]["path"]``)
+        for a model built from ``architecture``; for ``model.pretrained``, the model's own, or the data's when it
+        is the model's tokenizer with tokens added (:func:`tokenizer_extends`; the embedding is then resized, see
+        :func:`itune.model.embedding_rows`).
+
+    Raises:
+        ManifestError: no training split, another tokenizer, or held-out tasks in the training split.
+    """
     if cfg.data.train_split not in manifest["splits"]:
         raise ManifestError(f"{cfg.data.path}: no split {cfg.data.train_split!r} (have {sorted(manifest['splits'])})")
+    tok = manifest["tokenizer"]
+    tokenizer_dir = Path(tok["path"])
     if cfg.model.pretrained:
-        fp = TextTokenizer.load(tokenizer_dir).fingerprint
-        if fp != manifest["tokenizer"]["fingerprint"]:
-            raise ManifestError(
-                f"{cfg.data.path}: prepared with tokenizer {manifest['tokenizer']['path']} (fingerprint "
-                f"{manifest['tokenizer']['fingerprint']}), but the model's tokenizer {tokenizer_dir} has "
-                f"fingerprint {fp}; prepare the data again with the model's tokenizer")
+        model_dir = Path(cfg.model.pretrained)
+        fp = TextTokenizer.load(model_dir).fingerprint
+        if fp != tok["fingerprint"]:
+            if not ((tokenizer_dir / "tokenizer.json").is_file()
+                    and TextTokenizer.load(tokenizer_dir).fingerprint == tok["fingerprint"]
+                    and tokenizer_extends(model_dir, tokenizer_dir)):
+                raise ManifestError(
+                    f"{cfg.data.path}: prepared with tokenizer {tok['path']} (fingerprint {tok['fingerprint']}), "
+                    f"but the model's tokenizer {model_dir} has fingerprint {fp} and the data's tokenizer is not "
+                    "the model's with tokens added; prepare the data again with the model's tokenizer (or with "
+                    "a copy of it to which tokens were added)")
+        else:
+            tokenizer_dir = model_dir
     leaked = sorted(set(manifest["splits"][cfg.data.train_split]["tasks"]) & set(manifest.get("heldout_tasks", [])))
     if leaked:
         raise ManifestError(f"{cfg.data.path}: held-out tasks appear in the training split: {leaked}")
+    return tokenizer_dir
 
 
 def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int) -> tuple[float, int]:
@@ -192,6 +232,8 @@ class Setup:
     resume_state: dict | None
     log: RankZeroLog
     keepalive: object
+    vocab_resize: dict | None = None  # rows before/after and per-rank partition sizes, when embeddings were resized
+    skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
 
 
 def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | None:
@@ -240,7 +282,12 @@ def preflight(cfg: RunConfig) -> None:
         problems.append(f"ds_config: {cfg.ds_config} not found (see ds_configs/)")
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
-    shards.read_manifest(cfg.data.path)
+    manifest = shards.read_manifest(cfg.data.path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    try:
+        embedding_rows(model_config(cfg, vocab).vocab_size, vocab, cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"invalid run config:\n  - {e}") from None
     build_ds_config(cfg.ds_config, BatchPlan(1, 1, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
                                              1, 1, None), cfg.optim, 64, False)
 
@@ -270,8 +317,7 @@ def setup(cfg: RunConfig) -> Setup:
 
     # data: verified manifest, memory-mapped rows
     manifest = shards.read_manifest(cfg.data.path)
-    tokenizer_dir = Path(cfg.model.pretrained) if cfg.model.pretrained else Path(manifest["tokenizer"]["path"])
-    check_data(cfg, manifest, tokenizer_dir)
+    tokenizer_dir = check_data(cfg, manifest)
     seq_len, pad_id = manifest["seq_len"], manifest["tokenizer"]["pad_id"]
     train_rows = PackedRows(shards.open_split(cfg.data.path, cfg.data.train_split), seq_len, pad_id)
     if len(train_rows) == 0:
@@ -287,6 +333,7 @@ def setup(cfg: RunConfig) -> Setup:
     # model under ZeRO-3: partitioned at construction
     torch.manual_seed(cfg.train.seed)
     hf_config = model_config(cfg, manifest["tokenizer"]["vocab_size"])
+    rows = embedding_rows(hf_config.vocab_size, manifest["tokenizer"]["vocab_size"], cfg.model)
     for k in ("bos_id", "eos_id", "pad_id"):
         setattr(hf_config, k.replace("_id", "_token_id"), manifest["tokenizer"][k])
     bf16 = use_bf16(cfg.model, cuda)
@@ -295,6 +342,8 @@ def setup(cfg: RunConfig) -> Setup:
         ds_config["checkpoint"] = {"load_universal": True}
     keepalive = HfDeepSpeedConfig(ds_config)  # transformers builds under zero.Init while this object lives
     model = build_model(cfg, hf_config, bf16)
+    old_rows = resize_embeddings(model, rows, ds_config)  # before the optimizer: it holds the new parameters
+    hf_config.vocab_size = rows  # the export's config
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, plan.total_steps))
@@ -305,8 +354,34 @@ def setup(cfg: RunConfig) -> Setup:
                 for p in engine.module.parameters())
     log.print(f"model: {n_params:,} parameters ({local:,} held by rank 0), bf16={bf16}, "
               f"attention={cfg.model.attn_implementation}, gradient checkpointing={cfg.model.gradient_checkpointing}")
+    vocab_resize = None
+    if old_rows is not None:
+        vocab_resize = {"tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"], "old_rows": old_rows,
+                        "rows": rows, "multiple_of": cfg.model.pad_vocab_size_to_multiple_of,
+                        **embedding_partitions(engine.module, rank, world)}
+        log.print(f"embeddings resized for tokenizer {tokenizer_dir} ({vocab_resize['tokenizer_vocab_size']} "
+                  f"tokens): {old_rows} -> {rows} rows (model.pad_vocab_size_to_multiple_of="
+                  f"{vocab_resize['multiple_of']}), rows {old_rows}..{rows - 1} set to the mean of the old rows; "
+                  f"parameters held per rank: input {vocab_resize['input_per_rank']}, output "
+                  f"{vocab_resize['output_per_rank']}")
     return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
-                 out, ckpt_dir, resume_state, log, keepalive)
+                 out, ckpt_dir, resume_state, log, keepalive, vocab_resize)
+
+
+def embedding_partitions(module, rank: int, world: int) -> dict:
+    """Elements of the input and output embedding weights held by each rank (ZeRO-3 partitions; the whole
+    tensor on every rank otherwise). Every rank must call it (all-reduce).
+
+    Returns:
+        ``{"input_per_rank": [world ints], "output_per_rank": [world ints] or None}``.
+    """
+    out = module.get_output_embeddings()
+    weights = [module.get_input_embeddings().weight] + ([out.weight] if out is not None else [])
+    held = torch.zeros(len(weights), world, dtype=torch.int64)
+    for i, w in enumerate(weights):
+        held[i, rank] = w.numel() if getattr(w, "ds_tensor", None) is None else w.ds_tensor.numel()
+    tdist.all_reduce(held)
+    return {"input_per_rank": held[0].tolist(), "output_per_rank": held[1].tolist() if out is not None else None}
 
 
 @dataclass
@@ -314,6 +389,8 @@ class StepResult:
     loss: float  # sum CE of the step (all ranks) / trained tokens of the step (all ranks)
     target_tokens: int  # trained tokens of the step, all ranks
     real_tokens: int  # non-padding tokens of the step, all ranks
+    nonfinite_loss_ranks: list  # ranks whose loss of the step is inf or nan (same list on every rank)
+    skipped_ranks: list  # ranks on which DeepSpeed skipped the update (non-finite gradient norm); all or none
 
 
 def train_step(engine, batches: list, world: int, before_optimizer_step=None) -> StepResult:
@@ -323,12 +400,19 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None) ->
     tokens of the step, so after DeepSpeed's 1/accumulation scaling and mean over ranks the gradient is that of
     ``sum CE / N`` over the whole step, whatever the split (see :mod:`itune.loss`).
 
+    DeepSpeed's ZeRO optimizers (stages 1-3, fp32 and bf16) skip the update when the global gradient norm is
+    inf or nan: gradients are dropped, weights and optimizer state stay as they are, the lr scheduler is not
+    stepped and ``engine.skipped_steps`` grows. A non-finite loss makes non-finite gradients, so it takes the
+    same path. One all-reduce gives every rank the loss, the token counts and each rank's non-finite flags.
+
     Args:
         batches: this rank's micro-batches (:class:`itune.loader.Batch`), ``gradient_accumulation_steps`` of them.
         before_optimizer_step: called after the last backward and before the optimizer step (tests read
             gradients there).
     """
     gas = len(batches)
+    rank = tdist.get_rank()
+    skipped_before = engine.skipped_steps
     global_targets = all_reduce_sum(sum(count_targets(b.labels, b.position_ids) for b in batches))
     scale = gas * world / max(global_targets, 1.0)
     loss_sum, real = 0.0, 0
@@ -341,8 +425,40 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None) ->
         engine.step()
         loss_sum += float(s.detach())
         real += b.real_tokens
-    return StepResult(all_reduce_sum(loss_sum) / max(global_targets, 1.0), int(global_targets),
-                      int(all_reduce_sum(real)))
+    t = torch.zeros(2 + 2 * world, dtype=torch.float64)  # [loss sum, real tokens, (loss non-finite, skipped) x rank]
+    t[0], t[1] = loss_sum, real
+    t[2 + 2 * rank] = not math.isfinite(loss_sum)
+    t[3 + 2 * rank] = engine.skipped_steps > skipped_before
+    tdist.all_reduce(t)
+    flags = t[2:].view(world, 2) > 0
+    return StepResult(float(t[0]) / max(global_targets, 1.0), int(global_targets), int(t[1]),
+                      flags[:, 0].nonzero().flatten().tolist(), flags[:, 1].nonzero().flatten().tolist())
+
+
+def check_nonfinite(r: StepResult, step: int, world: int, skipped_at: list, allowed: int,
+                    ckpt_dir: Path) -> str | None:
+    """What was non-finite in optimizer step ``step`` (1-based), which DeepSpeed skipped (the step is appended
+    to ``skipped_at``); None for a finite step. Every rank reaches the same answer from the all-reduced flags
+    of ``r``.
+
+    Raises:
+        FloatingPointError: a non-finite step beyond ``allowed`` (``train.skip_nonfinite_steps``) skipped steps,
+            or one whose update DeepSpeed applied (a non-finite loss with a finite gradient norm: the weights
+            already changed). Names the step, the ranks and the last good checkpoint.
+    """
+    if not r.nonfinite_loss_ranks and not r.skipped_ranks:
+        return None
+    what = (f"non-finite loss {r.loss} at optimizer step {step} (rank {', '.join(map(str, r.nonfinite_loss_ranks))})"
+            if r.nonfinite_loss_ranks else f"non-finite gradient norm at optimizer step {step} (loss {r.loss:.4f})")
+    last = f"last good checkpoint: {checkpoint.latest_tag(ckpt_dir)} in {ckpt_dir}"
+    if len(r.skipped_ranks) < world:
+        raise FloatingPointError(f"{what}; DeepSpeed applied the update (ranks {r.skipped_ranks} skipped it), so "
+                                 f"the step cannot be skipped; {last}")
+    skipped_at.append(step)
+    if len(skipped_at) > allowed:
+        raise FloatingPointError(f"{what}; {len(skipped_at)} non-finite step(s) {skipped_at}, more than "
+                                 f"train.skip_nonfinite_steps={allowed} allows; {last}")
+    return what
 
 
 def generate_and_score(s: Setup, step: int) -> dict:
@@ -366,7 +482,7 @@ def _trainer_state(s: Setup, step: int) -> dict:
 
     epoch, in_epoch = divmod(step, s.plan.steps_per_epoch)
     return {"global_step": step, "epoch": epoch, "step_in_epoch": in_epoch, "total_steps": s.plan.total_steps,
-            "seed": s.cfg.train.seed, "world_size": s.world, "config": to_dict(s.cfg),
+            "seed": s.cfg.train.seed, "world_size": s.world, "config": to_dict(s.cfg), "skipped_at": s.skipped_at,
             "manifest_hash": shards.manifest_hash(s.cfg.data.path),
             "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
@@ -391,6 +507,7 @@ def _resume(s: Setup) -> int:
     if st["world_size"] != s.world:
         tag = checkpoint.to_universal(s.ckpt_dir, tag, s.rank)
     checkpoint.load(s.engine, s.ckpt_dir, tag)
+    s.skipped_at[:] = st.get("skipped_at", [])
     s.log.print(f"resumed from {s.ckpt_dir / tag} at optimizer step {st['global_step']} (epoch {st['epoch']}, "
                 f"step in epoch {st['step_in_epoch']}; saved with {st['world_size']} ranks, now {s.world})")
     return st["global_step"]
@@ -424,23 +541,27 @@ def run(cfg: RunConfig) -> dict:
                    for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)]
         r = train_step(engine, batches, s.world)
         done = step + 1
-        if not math.isfinite(r.loss):
-            raise FloatingPointError(f"non-finite loss {r.loss} at optimizer step {done} (rank {rank}); last good "
-                                     f"checkpoint: {checkpoint.latest_tag(s.ckpt_dir)} in {s.ckpt_dir}")
+        skipped = check_nonfinite(r, done, s.world, s.skipped_at, cfg.train.skip_nonfinite_steps, s.ckpt_dir)
         dt = time.time() - t0
         grad_norm = engine.get_global_grad_norm()
         record = {"loss": r.loss, "lr": s.scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "target_tokens": r.target_tokens, "real_tokens_per_s": r.real_tokens / dt,
                   "padding_fraction": 1 - r.real_tokens / plan.tokens_per_step, "step_time_s": dt,
-                  "model_flops_per_s": fpt * r.real_tokens / dt, "memory_gb": peak_memory_gb()}
+                  "model_flops_per_s": fpt * r.real_tokens / dt, "memory_gb": peak_memory_gb(),
+                  "skipped_steps": len(s.skipped_at)}
         if cfg.train.peak_flops_per_s:
             record["mfu"] = record["model_flops_per_s"] / (cfg.train.peak_flops_per_s * s.world)
         if rank == 0:
             with open(losses_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": r.loss}) + "\n")
+                f.write(json.dumps({"step": done, "loss": r.loss} if not skipped else
+                                   {"step": done, "loss": r.loss if math.isfinite(r.loss) else None,
+                                    "skipped": True}) + "\n")
         progress.update(1)
-        if done % cfg.train.log_every == 0 or done == plan.total_steps:
+        if skipped:
+            log.print(f"step {done}/{plan.total_steps} skipped: {skipped}; weights, optimizer state and lr schedule "
+                      f"unchanged (skipped steps {s.skipped_at}, at most {cfg.train.skip_nonfinite_steps} allowed)")
+        if skipped or done % cfg.train.log_every == 0 or done == plan.total_steps:
             log.scalars(done, record)
             log.print(f"step {done}/{plan.total_steps} loss {r.loss:.4f} lr {record['lr']:.3g} grad_norm "
                            f"{record['grad_norm']:.3f} real tokens/s {record['real_tokens_per_s']:.0f} ({dt:.2f} s)")
@@ -463,7 +584,10 @@ def run(cfg: RunConfig) -> dict:
     progress.close()
 
     summary = {"steps": plan.total_steps, "world_size": s.world, "batch": plan.describe(),
-               "manifest_hash": shards.manifest_hash(cfg.data.path)}
+               "manifest_hash": shards.manifest_hash(cfg.data.path), "skipped_steps": len(s.skipped_at),
+               "skipped_at": s.skipped_at}
+    if s.vocab_resize is not None:
+        summary["vocab_resize"] = s.vocab_resize
     if start_step < plan.total_steps or checkpoint.latest_tag(s.ckpt_dir) is None:
         _save(s, plan.total_steps)
     if s.eval_rows is not None:

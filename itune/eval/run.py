@@ -185,7 +185,7 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     """
     from itune import checkpoint, dist
     from itune.config import BatchPlan, config_from_dict
-    from itune.model import build_ds_config, build_model, model_config, use_bf16
+    from itune.model import build_ds_config, build_model, embedding_rows, model_config, resize_embeddings, use_bf16
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)
@@ -216,6 +216,8 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
     dschf = HfDeepSpeedConfig(ds_config)
     model = build_model(cfg, hf_config, bf16)
+    # the embedding rows the run trained with (grown for a tokenizer with added tokens); the checkpoint fills them
+    resize_embeddings(model, embedding_rows(hf_config.vocab_size, m["tokenizer"]["vocab_size"], cfg.model), ds_config)
     model.gradient_checkpointing_disable()
     model.config.use_cache = True
     # ZeRO-3 restores partitioned weights through its optimizer wrapper; an optimizer with lr 0 is never stepped
