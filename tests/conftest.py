@@ -47,7 +47,17 @@ def superni_data(tmp_path_factory):
 def deepspeed_cmd(nproc: int, script: str, *args: str) -> list[str]:
     """The real `deepspeed` launcher of this environment, `nproc` local ranks."""
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [exe, "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000), script, *args]
+    return [exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
+def free_port() -> int:
+    """A TCP port free right now (bound to port 0, then released): a fresh one per launch, so runs of this and
+    other test sessions on the machine do not collide."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cmd(cmd, cwd=ROOT, timeout=900, env=None, check=True):

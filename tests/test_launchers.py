@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MISTRAL, ROOT, SUPERNI, deepspeed_cmd, run_cmd
+from tests.conftest import MISTRAL, ROOT, SUPERNI, deepspeed_cmd, free_port, run_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -36,8 +36,8 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
-    """The real `torchrun` of this environment, `nproc` local workers, a port apart from deepspeed_cmd's."""
-    port = 30500 + os.getpid() % 1000
+    """The real `torchrun` of this environment, `nproc` local workers, on a free port."""
+    port = free_port()
     return [_bin("torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), script, *args]
 
 
