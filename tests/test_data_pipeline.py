@@ -235,19 +235,20 @@ def test_superni_slices_and_workers_equal_single_process(tmp_path):
 
 
 def test_token_reader_reopens_past_its_open_file_limit(tmp_path):
-    from itune.data.pipeline import _TokenReader
+    from itune.data.pipeline import _TokenReader, pack_tokens, unpack_tokens
 
     dirs = []
     for k in range(3):
         d = tmp_path / f"s{k}"
         d.mkdir()
-        (d / "tokens.bin").write_bytes(np.arange(10 * k, 10 * k + 10, dtype=np.int32).tobytes())
-        (d / "trained.bin").write_bytes(bytes([k % 2] * 10))
+        ids = np.arange(10 * k, 10 * k + 10, dtype=np.int32)
+        (d / "tokens.bin").write_bytes(pack_tokens(ids, np.full(10, k % 2, dtype=bool)).tobytes())
         dirs.append(d)
     r = _TokenReader(dirs, max_open=2)
     for sl in (0, 1, 2, 0, 2, 1):
-        ids, tr = r.read(sl, 3, 4)
-        assert ids.tolist() == [10 * sl + 3 + i for i in range(4)] and tr.tolist() == [sl % 2] * 4
+        ids, labels = unpack_tokens(r.read(sl, 3, 4))
+        assert ids.tolist() == [10 * sl + 3 + i for i in range(4)]
+        assert labels.tolist() == (ids.tolist() if sl % 2 else [X] * 4)
         assert len(r.fds) <= 2
     r.close()
     assert r.fds == {}

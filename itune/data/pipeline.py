@@ -5,7 +5,7 @@ Flow of ``itune-data prepare`` (:func:`itune.data.prepare.prepare_sources` for i
 
     records of every source, in order ──▶ chunks of CHUNK_RECORDS records (chunk k belongs to slice k % num_slices)
       ──▶ process_chunk (parse, render, tokenize: a pure function of the chunk, run by --num-proc workers)
-      ──▶ slice directory  OUT/slices/slice-IIIII-of-NNNNN/ : tokens.bin (int32), trained.bin (uint8),
+      ──▶ slice directory  OUT/slices/slice-IIIII-of-NNNNN/ : tokens.bin (uint32: id | trained << 31),
                           examples.arrow (one row per example), rejects.jsonl, eval.jsonl, slice.json (last)
       ──▶ merge_slices (every slice, in chunk order = the single-process order): mixture (cap per task, weight per
           source), held-out split, shuffle examples, best-fit-decreasing over lengths, shuffle rows, shards written
@@ -179,7 +179,7 @@ def process_chunk(job) -> dict:
 
     Returns:
         ``{"chunk", "source", "read", "bad", "rejected": Counter, "rejects": [dict], "error": str | None,
-        "ids": int32 [tokens], "trained": uint8 [tokens], "lengths", "trainable" (int32 [examples]), "tasks",
+        "tokens": uint32 [tokens] (:func:`pack_tokens`), "lengths", "trainable" (int32 [examples]), "tasks",
         "example_ids" ([examples]), "eval": [dict]}``. ``error`` is set (and the rest is partial) when
         ``on_error="raise"`` met a bad record.
     """
@@ -223,26 +223,45 @@ def process_chunk(job) -> dict:
         examples.append(ex)
         locs.append(loc)
     rendered = render_batch(examples, tok, plan.seq_len, spec.template, plan.overflow, plan.train_on)
-    ids, trained, lengths, trainable, tasks, eids = [], [], [], [], [], []
+    ids, labels, tasks, eids = [], [], [], []
     for ex, loc, (r, reason) in zip(examples, locs, rendered):
         if reason is not None:
             reject(loc, ex, reason)
             continue
         ids.append(r[0])
-        trained.append(r[1] != IGNORE_INDEX)
-        lengths.append(len(r[0]))
-        trainable.append(int(trained[-1].sum()))
+        labels.append(r[1])
         tasks.append(ex.task)
         eids.append(ex.id)
         if ex.task in _WORKER["heldout"]:
             res["eval"].append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
                                 "track": "default", "references": ex.references,
                                 "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
-    res.update(ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
-               trained=(np.concatenate(trained) if trained else np.zeros(0, bool)).astype(np.uint8),
-               lengths=np.asarray(lengths, np.int32), trainable=np.asarray(trainable, np.int32), tasks=tasks,
-               example_ids=eids)
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    if ids:
+        flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
+        trained = flat_labels != IGNORE_INDEX
+        tokens = pack_tokens(flat_ids, trained)
+        ends = np.cumsum(lengths, dtype=np.int64)
+        trainable = np.diff(np.concatenate([[0], np.cumsum(trained, dtype=np.int64)[ends - 1]])).astype(np.int32)
+    else:
+        tokens, trainable = np.zeros(0, np.uint32), np.zeros(0, np.int32)
+    res.update(tokens=tokens, lengths=lengths, trainable=trainable, tasks=tasks, example_ids=eids)
     return res
+
+
+#: Bit of a stored token that marks it trained (ids are < 2**31).
+TRAINED_BIT = np.uint32(1 << 31)
+
+
+def pack_tokens(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """Token ids and their trained flags as one uint32 per token: ``id | trained << 31`` (``tokens.bin``)."""
+    return ids.astype(np.uint32) | (trained.astype(np.uint32) << np.uint32(31))
+
+
+def unpack_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_tokens`: ``(input_ids int32, labels int32 with -100 where not trained)``."""
+    ids = (tokens & ~TRAINED_BIT).astype(np.int32)
+    return ids, np.where(tokens >= TRAINED_BIT, ids, np.int32(IGNORE_INDEX))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +306,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
     jobs = (j for j in iter_chunks(plan) if j[0] % plan.num_slices == index)
     per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter()} for _ in plan.sources]
     chunks, offset = [], 0
-    with open(d / "tokens.bin", "wb") as f_ids, open(d / "trained.bin", "wb") as f_tr, \
+    with open(d / "tokens.bin", "wb") as f_tok, \
             open(d / "rejects.jsonl", "w", encoding="utf-8") as f_rej, \
             open(d / "eval.jsonl", "w", encoding="utf-8") as f_eval, \
             pa.OSFile(str(d / "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, EXAMPLES_SCHEMA) as ex_w:
@@ -300,8 +319,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             s["rejected"].update(res["rejected"])
             n = len(res["lengths"])
             s["written"] += n
-            f_ids.write(res["ids"].tobytes())
-            f_tr.write(res["trained"].tobytes())
+            f_tok.write(res["tokens"].tobytes())
             offsets = offset + np.concatenate([[0], np.cumsum(res["lengths"], dtype=np.int64)[:-1]]) if n else []
             offset += int(res["lengths"].sum())
             ex_w.write_batch(pa.record_batch([
@@ -393,27 +411,25 @@ def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Gene
 
 
 class _TokenReader:
-    """Reads one example's tokens and trained mask back from its slice files (``pread``; nothing mapped). At most
-    ``max_open`` slices have open files at a time (a job array may have thousands of slices)."""
+    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` (``pread``;
+    nothing mapped, so memory stays bounded). At most ``max_open`` slices have an open file at a time (a job array
+    may have thousands of slices)."""
 
     def __init__(self, dirs: list[Path], max_open: int = 128):
         self.dirs, self.max_open, self.fds = dirs, max_open, {}
 
-    def read(self, sl: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        if sl not in self.fds:
+    def read(self, sl: int, offset: int, length: int) -> np.ndarray:
+        """uint32 ``[length]`` stored tokens from token ``offset`` of slice ``sl``."""
+        fd = self.fds.get(sl)
+        if fd is None:
             if len(self.fds) >= self.max_open:
                 self.close()
-            d = self.dirs[sl]
-            self.fds[sl] = (os.open(d / "tokens.bin", os.O_RDONLY), os.open(d / "trained.bin", os.O_RDONLY))
-        fi, ft = self.fds[sl]
-        ids = np.frombuffer(os.pread(fi, 4 * length, 4 * offset), dtype=np.int32)
-        tr = np.frombuffer(os.pread(ft, length, offset), dtype=np.uint8)
-        return ids, tr
+            fd = self.fds[sl] = os.open(self.dirs[sl] / "tokens.bin", os.O_RDONLY)
+        return np.frombuffer(os.pread(fd, 4 * length, 4 * offset), dtype=np.uint32)
 
     def close(self) -> None:
-        for a, b in self.fds.values():
-            os.close(a)
-            os.close(b)
+        for fd in self.fds.values():
+            os.close(fd)
         self.fds.clear()
 
 
@@ -423,9 +439,6 @@ def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
     return {"edges": edges, "counts": int_histogram(np.asarray(values, dtype=np.int64), edges)}
 
 
-_ARANGE = np.arange(0, dtype=np.int32)
-
-
 def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, reader, seq_len: int, pad_id: int,
                      seed: int, packed: bool, max_rows_per_shard: int) -> dict:
     """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry.
@@ -433,14 +446,11 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     Args:
         sel: indices into ``meta`` of the examples to write (repeats allowed), in their global order.
         meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task``, ``id`` (lists).
-        reader: ``read(slice, offset, length) -> (input_ids int32, trained uint8)``.
+        reader: ``read(slice, offset, length) -> uint32 [length]`` stored tokens (:func:`pack_tokens`).
 
     Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.
     Rows are built ``WRITE_BATCH_ROWS`` at a time; shards hold at most ``max_rows_per_shard`` rows.
     """
-    global _ARANGE
-    if len(_ARANGE) < seq_len:
-        _ARANGE = np.arange(seq_len, dtype=np.int32)
     rnd = random.Random(seed)
     order = list(range(len(sel)))
     rnd.shuffle(order)  # example order before packing
@@ -459,31 +469,33 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
             for b in range(lo, hi, WRITE_BATCH_ROWS) if hi > lo else []:
                 batch_rows = rows[b:min(hi, b + WRITE_BATCH_ROWS)]
                 r = len(batch_rows)
-                input_ids = np.full((r, seq_len), pad_id, dtype=np.int32)
-                trained = np.zeros((r, seq_len), dtype=np.uint8)
-                position_ids = np.empty((r, seq_len), dtype=np.int32)
-                ex_lens, ex_ids = [], []
-                for j, row in enumerate(batch_rows):
-                    pos = 0
-                    for i in row:
-                        g = ex[i]
-                        n = int(meta["length"][g])
-                        input_ids[j, pos:pos + n], trained[j, pos:pos + n] = reader.read(
-                            int(meta["slice"][g]), int(meta["offset"][g]), n)
-                        position_ids[j, pos:pos + n] = _ARANGE[:n]
-                        pos += n
-                        ex_ids.append(g)
-                    position_ids[j, pos:] = _ARANGE[:seq_len - pos]
-                    ex_lens.append(len(row))
-                labels = np.where(trained.astype(bool), input_ids, np.int32(IGNORE_INDEX))
+                g = ex[np.fromiter((i for row in batch_rows for i in row), dtype=np.int64)]  # examples, row order
+                per_row = np.fromiter(map(len, batch_rows), dtype=np.int64, count=r)
+                lens = meta["length"][g].astype(np.int64)
+                stored = np.concatenate([reader.read(int(meta["slice"][x]), int(meta["offset"][x]), int(n))
+                                         for x, n in zip(g.tolist(), lens.tolist())]) if len(g) else \
+                    np.zeros(0, np.uint32)
+                # destination of every token: row * seq_len + (start of its example in the row) + (index in it)
+                row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)
+                ex_end = np.cumsum(lens)
+                row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, weights=lens, minlength=r))[:-1]])
+                start_in_row = ex_end - lens - row_start[row_of].astype(np.int64)
+                within = np.arange(len(stored), dtype=np.int64) - np.repeat(ex_end - lens, lens)
+                dest = np.repeat(row_of * seq_len + start_in_row, lens) + within
+                ids, labs = unpack_tokens(stored)
+                fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)
+                input_ids = np.full(r * seq_len, pad_id, dtype=np.int32)
+                labels = np.full(r * seq_len, IGNORE_INDEX, dtype=np.int32)
+                # positions restart per example; the padding tail counts 0, 1, ... from the row's fill
+                position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - fill[:, None]).reshape(-1)
+                input_ids[dest], labels[dest], position_ids[dest] = ids, labs, within
                 fixed = pa.array(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
-                counts = pa.array(np.concatenate([[0], np.cumsum(ex_lens)]).astype(np.int32))
-                lens = meta["length"][np.asarray([ex[i] for row in batch_rows for i in row], dtype=np.int64)]
-                cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids.reshape(-1))),
-                        pa.ListArray.from_arrays(fixed, pa.array(labels.reshape(-1))),
-                        pa.ListArray.from_arrays(fixed, pa.array(position_ids.reshape(-1))),
+                counts = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+                cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids)),
+                        pa.ListArray.from_arrays(fixed, pa.array(labels)),
+                        pa.ListArray.from_arrays(fixed, pa.array(position_ids.astype(np.int32))),
                         pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
-                        pa.ListArray.from_arrays(counts, meta["id"].take(pa.array(ex_ids, pa.int64())))]
+                        pa.ListArray.from_arrays(counts, meta["id"].take(pa.array(g)))]
                 writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
         os.replace(tmp, out_dir / name)
         shard_list.append({"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
