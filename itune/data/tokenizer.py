@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from itune.errors import DataFormatError
@@ -57,12 +57,27 @@ class TextTokenizer:
     _tok: object
     chat_template: str | None = None
     special_tokens: dict = None  # {"bos_token": "<s>", "eos_token": "</s>", ...}: the texts a chat template sees
+    _special_texts: tuple | None = field(default=None, repr=False, compare=False)
+    _special_re: object = field(default=None, repr=False, compare=False)
 
     @property
     def special_texts(self) -> tuple[str, ...]:
         """Texts of the special added tokens (``</s>``, ``[INST]``, ``<|im_end|>``...), longest first."""
-        dec = self._tok.get_added_tokens_decoder()
-        return tuple(sorted({t.content for t in dec.values() if t.special and t.content}, key=lambda x: -len(x)))
+        if self._special_texts is None:
+            dec = self._tok.get_added_tokens_decoder()
+            self._special_texts = tuple(sorted({t.content for t in dec.values() if t.special and t.content},
+                                               key=lambda x: (-len(x), x)))
+        return self._special_texts
+
+    def find_special_text(self, text: str) -> str | None:
+        """The first special-token text (:attr:`special_texts`) that occurs in ``text``, or None."""
+        if self._special_re is None:
+            import re
+
+            self._special_re = re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts \
+                else re.compile(r"(?!x)x")
+        m = self._special_re.search(text)
+        return m.group(0) if m else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
@@ -109,21 +124,32 @@ class TextTokenizer:
         """Number of ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Encodes ``text`` without special tokens.
+    def _literal(self, special_tokens_in_text: bool) -> None:
+        # encode_special_tokens=True: "<s>" or "[INST]" written in data is ordinary text, never a control token
+        self._tok.encode_special_tokens = not special_tokens_in_text
+
+    def encode_with_offsets(self, text: str, special_tokens_in_text: bool = False
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Encodes ``text`` without adding special tokens. Special-token strings in ``text`` (``</s>``,
+        ``[INST]``, ...) are encoded as the plain text they are, unless ``special_tokens_in_text`` (text written by
+        the tokenizer's own chat template).
 
         Returns:
             (ids, offsets): offsets[i] = (start, end) character span of token i in ``text``.
         """
+        self._literal(special_tokens_in_text)
         enc = self._tok.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def encode_batch(self, texts: list[str]):
-        """``tokenizers.Encoding`` objects of ``texts`` without special tokens (parallel in the Rust backend)."""
+    def encode_batch(self, texts: list[str], special_tokens_in_text: bool = False):
+        """``tokenizers.Encoding`` objects of ``texts`` as :meth:`encode_with_offsets` (parallel in the Rust
+        backend)."""
+        self._literal(special_tokens_in_text)
         return self._tok.encode_batch(texts, add_special_tokens=False)
 
-    def encode_batch_with_offsets(self, texts: list[str]):
+    def encode_batch_with_offsets(self, texts: list[str], special_tokens_in_text: bool = False):
         """Batch version of :meth:`encode_with_offsets` (parallel in the Rust backend)."""
+        self._literal(special_tokens_in_text)
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
         return [(e.ids, e.offsets) for e in encs]
 
