@@ -69,7 +69,7 @@ def _prepare_sources(a) -> int:
         format=a.format, template=a.template, fields=parse_field_mapping(a.field), train_on=a.train_on,
         on_error=a.on_error, max_bad_fraction=a.max_bad_fraction, overflow=a.overflow, seed=a.seed,
         max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite,
-        task_field=a.task_field, heldout_tasks=[t for t in (a.heldout_tasks or "").split(",") if t],
+        task_field=a.task_field, heldout_tasks=[t.strip() for t in (a.heldout_tasks or "").split(",") if t.strip()],
         max_eval_instances_per_task=a.max_eval_instances_per_task, max_per_task=max_per_task,
         num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices))
     if "splits" not in m:
@@ -294,6 +294,9 @@ def main(argv=None) -> int:
         return a.fn(a)
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be written or read: name it
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
 
 

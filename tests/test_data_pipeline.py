@@ -92,7 +92,7 @@ def test_merge_refuses_missing_or_inconsistent_slices(tmp_path, bad_file):
     with pytest.raises(ManifestError, match=r"1 of 3 slices are missing or unfinished \(--shard-index 1\)"):
         merge_slices(out)
     prepare_sources(_opts(out, [bad_file], shard_index=1, num_shards=3, chunk_records=1, seq_len=256))
-    with pytest.raises(ManifestError, match="slices were prepared with different options or inputs"):
+    with pytest.raises(ManifestError, match="slice-00001-of-00003: from another preparation"):
         merge_slices(out)
     with pytest.raises(ManifestError, match="no finished slice"):
         merge_slices(tmp_path / "empty")

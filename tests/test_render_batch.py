@@ -88,15 +88,15 @@ def test_render_batch_equals_render_and_applies_overflow(mistral_tokenizer):
         for ex, got in zip(exs, batch):
             r, reason = render(ex, tok, 24, "completion", overflow)
             if r is None:
-                assert got == (None, reason)
+                assert got == (None, reason, None)
             else:
-                assert got[1] is None and got[0][0].dtype == np.int32
+                assert got[1] is None and got[2] is None and got[0][0].dtype == np.int32
                 assert got[0][0].tolist() == r.input_ids and got[0][1].tolist() == r.labels
                 assert len(r.input_ids) <= 24
     full = [len(r[0][0]) for r in render_batch(exs, tok, 10_000, "completion", "drop")]
     # BOS + 5i words + the extra space (the prompt ends in one) + i "yes" + "no" + EOS
     assert full == [3] + [4 + 6 * i for i in range(1, 8)]
-    reasons = [reason for _, reason in render_batch(exs, tok, 24, "completion", "drop")]
+    reasons = [reason for _, reason, _ in render_batch(exs, tok, 24, "completion", "drop")]
     assert reasons == [None if n <= 24 else "too_long" for n in full] and reasons.count("too_long") == 4
 
 

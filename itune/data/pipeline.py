@@ -178,7 +178,8 @@ def process_chunk(job) -> dict:
     """Parses, renders and tokenizes one chunk (in a worker). Pure: the result depends on the chunk only.
 
     Returns:
-        ``{"chunk", "source", "read", "bad", "rejected": Counter, "rejects": [dict], "error": str | None,
+        ``{"chunk", "source", "read", "bad", "rejected" / "rejected_test": Counter (by split), "rejects": [dict],
+        "error": str | None,
         "tokens": uint32 [tokens] (:func:`pack_tokens`), "lengths", "trainable" (int32 [examples]), "tasks",
         "example_ids" ([examples]), "eval": [dict]}``. ``error`` is set (and the rest is partial) when
         ``on_error="raise"`` met a bad record.
@@ -186,14 +187,18 @@ def process_chunk(job) -> dict:
     k, si, items = job
     plan, tok = _WORKER["plan"], _WORKER["tok"]
     spec = plan.sources[si]
-    res = {"chunk": k, "source": si, "read": len(items), "bad": 0, "rejected": Counter(), "rejects": [],
+    res = {"chunk": k, "source": si, "read": len(items), "bad": 0, "rejected": Counter(),
+           "rejected_test": Counter(), "rejects": [],
            "error": None, "eval": []}
     examples, locs = [], []
 
-    split = "test" if plan.task_field is None and spec.name in _WORKER["heldout"] else "train"
+    heldout = _WORKER["heldout"]
+    source_heldout = plan.task_field is None and spec.name in heldout  # a held-out SuperNI task file
 
     def reject(loc, ex, reason, message=None):
-        res["rejected"][reason] += 1
+        # a reject counts with the split of its task when the task is known (parsed), else with its source's
+        split = "test" if source_heldout or (ex is not None and ex.task in heldout) else "train"
+        res["rejected" if split == "train" else "rejected_test"][reason] += 1
         res["rejects"].append({"split": split, "source": spec.path, "record": loc,
                                "id": ex.id if ex is not None else None, "reason": reason,
                                **({"message": message} if message else {}), "_chunk": k})
@@ -224,7 +229,19 @@ def process_chunk(job) -> dict:
         locs.append(loc)
     rendered = render_batch(examples, tok, plan.seq_len, spec.template, plan.overflow, plan.train_on)
     ids, labels, tasks, eids = [], [], [], []
-    for ex, loc, (r, reason) in zip(examples, locs, rendered):
+    for ex, loc, (r, reason, err) in zip(examples, locs, rendered):
+        if err is not None:  # the template cannot render this record: a bad record, like a reader error
+            if plan.on_error == "raise":
+                res["error"] = (f"{loc}: {err.detail} (template {spec.template!r}; pass --on-error skip to count "
+                                "and skip bad records)")
+                return res
+            res["bad"] += 1
+            reject(loc, ex, reason, err.detail)
+            continue
+        if ex.task in heldout:  # evaluation instances do not depend on fitting the training rows (seq_len)
+            res["eval"].append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
+                                "track": "default", "references": ex.references,
+                                "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
         if reason is not None:
             reject(loc, ex, reason)
             continue
@@ -232,10 +249,6 @@ def process_chunk(job) -> dict:
         labels.append(r[1])
         tasks.append(ex.task)
         eids.append(ex.id)
-        if ex.task in _WORKER["heldout"]:
-            res["eval"].append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
-                                "track": "default", "references": ex.references,
-                                "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
     lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
     if ids:
         flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
@@ -304,7 +317,8 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
         shutil.rmtree(d)
     d.mkdir(parents=True)
     jobs = (j for j in iter_chunks(plan) if j[0] % plan.num_slices == index)
-    per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter()} for _ in plan.sources]
+    per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter(), "rejected_test": Counter()}
+                  for _ in plan.sources]
     chunks, offset = [], 0
     with open(d / "tokens.bin", "wb") as f_tok, \
             open(d / "rejects.jsonl", "w", encoding="utf-8") as f_rej, \
@@ -317,6 +331,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             s["read"] += res["read"]
             s["bad"] += res["bad"]
             s["rejected"].update(res["rejected"])
+            s["rejected_test"].update(res["rejected_test"])
             n = len(res["lengths"])
             s["written"] += n
             f_tok.write(res["tokens"].tobytes())
@@ -334,7 +349,8 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             chunks.append(res["chunk"])
     summary = {"plan": asdict(plan), "plan_fingerprint": plan.fingerprint(), "index": index,
                "num_slices": plan.num_slices, "chunks": chunks, "tokens": offset,
-               "sources": [dict(s, rejected=dict(s["rejected"])) for s in per_source],
+               "sources": [dict(s, rejected=dict(s["rejected"]), rejected_test=dict(s["rejected_test"]))
+                           for s in per_source],
                "created_by": f"itune {__version__}"}
     atomic_write_text(d / SLICE_DONE, json.dumps(summary) + "\n")
     return summary
@@ -350,12 +366,22 @@ def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
     if not done:
         raise ManifestError(f"{root}: no finished slice (slice-*/slice.json); run `itune-data prepare ... "
                             f"--num-shards N --shard-index I` for every I first")
-    summaries = [json.loads(p.read_text()) for p in done]
-    n = summaries[0]["num_slices"]
-    fps = {s["plan_fingerprint"] for s in summaries}
-    if len(fps) > 1 or any(s["num_slices"] != n for s in summaries):
-        raise ManifestError(f"{root}: slices were prepared with different options or inputs (plan fingerprints "
-                            f"{sorted(fps)}); prepare every slice again with the same command")
+    summaries = []
+    for p in done:
+        try:
+            summaries.append(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{p}: not valid JSON ({e}); prepare this slice again") from e
+    # the preparation most slices belong to; any other slice is named, never merged
+    groups = Counter((s["plan_fingerprint"], s["num_slices"]) for s in summaries)
+    (fp, n), _ = groups.most_common(1)[0]
+    stale = [p.parent for p, s in zip(done, summaries) if (s["plan_fingerprint"], s["num_slices"]) != (fp, n)]
+    if stale:
+        raise ManifestError(
+            f"{root} holds slices of different preparations: "
+            + "; ".join(f"{d.name}: from another preparation" for d in stale)
+            + f" (other options, inputs or --num-shards than the {groups[(fp, n)]} slice(s) of {n}); delete those "
+            "directories, or prepare every slice again with the same command")
     have = {s["index"] for s in summaries}
     missing = sorted(set(range(n)) - have)
     if missing:
@@ -363,6 +389,12 @@ def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
                             f"{', '.join(map(str, missing))}); run them (e.g. resubmit those array tasks) before "
                             f"merging")
     summaries.sort(key=lambda s: s["index"])
+    for s in summaries:
+        tokens = slice_dir(out_dir, s["index"], n) / "tokens.bin"
+        size = tokens.stat().st_size if tokens.is_file() else 0
+        if size != 4 * s["tokens"]:
+            raise ManifestError(f"{tokens}: {4 * s['tokens'] - size} bytes short of the {s['tokens']} tokens its "
+                                "slice.json records; prepare this slice again")
     p = dict(summaries[0]["plan"])
     p["sources"] = [SourceSpec(**x) for x in p["sources"]]
     return PipelinePlan(**p), summaries
@@ -543,6 +575,9 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
     t0 = time.time() if started is None else started
     out_dir = Path(out_dir)
     plan, summaries = _load_slices(out_dir)
+    from itune.data.prepare import clear_outputs
+
+    clear_outputs(out_dir, slices=False)
     dirs = [slice_dir(out_dir, s["index"], plan.num_slices) for s in summaries]
     tables = []
     for sl, d in enumerate(dirs):
@@ -566,13 +601,15 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
         s_read = sum(s["sources"][si]["read"] for s in summaries)
         if s_read == 0 and spec.format != "superni":
             raise DataFormatError(f"{spec.path}: no record found (an empty file?)")
-        s_rej = Counter()
+        s_train, s_test = Counter(), Counter()
         for s in summaries:
-            s_rej.update(s["sources"][si]["rejected"])
+            s_train.update(s["sources"][si]["rejected"])
+            s_test.update(s["sources"][si]["rejected_test"])
+        s_rej = s_train + s_test
         read += s_read
         bad += sum(s["sources"][si]["bad"] for s in summaries)
-        # rejected records count with the split of their source (a held-out SuperNI task), else with train
-        (rejected_test if plan.task_field is None and spec.name in plan.heldout_tasks else rejected).update(s_rej)
+        rejected.update(s_train)  # by the split of the record's task (or of its source)
+        rejected_test.update(s_test)
         sources.append({"path": spec.path, "sha256": plan.source_sha256[si], "name": spec.name,
                         "format": spec.format, "template": spec.template, "weight": spec.weight,
                         "counts": {"read": s_read, "written": sum(s["sources"][si]["written"] for s in summaries),
@@ -618,6 +655,10 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
             if split == "test":
                 recs = _first_per_task(_merge_jsonl([d / "eval.jsonl" for d in dirs]),
                                        plan.max_eval_instances_per_task)
+                dup = sorted(k for k, v in Counter(x["id"] for x in recs).items() if v > 1)
+                if dup:
+                    raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all); scores are "
+                                      "matched by id, so give every record a unique 'id' field")
                 atomic_write_text(out_dir / "test_eval.jsonl",
                                   "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
                 info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),

@@ -7,6 +7,7 @@ records are also written, with their reason and location, to ``rejects.jsonl``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -103,11 +104,17 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     from itune.data import pipeline
 
     t0 = time.time()
-    opts.superni_dir, opts.out_dir, opts.tokenizer = Path(opts.superni_dir), Path(opts.out_dir), Path(opts.tokenizer)
+    opts.superni_dir, opts.out_dir = Path(opts.superni_dir), Path(opts.out_dir)
+    opts.tokenizer = Path(os.path.abspath(opts.tokenizer))  # the manifest names it for later readers, from any folder
+    problems = _common_problems(opts)
     if opts.seq_len < 16:
-        raise ConfigError(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
-    if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
-        raise ConfigError(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+        problems.append(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
+    if opts.max_instances_per_task is not None and opts.max_instances_per_task < 1:
+        problems.append(f"max_instances_per_task {opts.max_instances_per_task}: must be >= 1")
+    if opts.num_pos_examples < 0:
+        problems.append(f"num_pos_examples {opts.num_pos_examples}: must be >= 0")
+    if problems:
+        raise ConfigError("; ".join(problems))
     train_tasks = read_split_file(_split_file(opts, opts.train_split, "train_tasks.txt"))
     test_tasks = read_split_file(_split_file(opts, opts.test_split, "test_tasks.txt"))
     overlap = sorted(set(train_tasks) & set(test_tasks))
@@ -134,6 +141,8 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         extra_manifest={"prompt_format": "tk_instruct"})
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
+    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
+        clear_outputs(opts.out_dir, slices=True)
     summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
     if num_shards > 1:
         return summary
@@ -226,8 +235,11 @@ def _check_sources_options(opts: SourcesOptions) -> None:
             problems.append(f"{p}: input file not found")
         if isinstance(item, dict):
             w = item.get("weight", 1.0)
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-                problems.append(f"{p}: weight {w!r} must be a number >= 0")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+                problems.append(f"{p}: weight {w!r} must be a finite number >= 0")
+            name = item.get("name")
+            if name is not None and (not isinstance(name, str) or not name.strip()):
+                problems.append(f"{p}: name {name!r} must be a non-empty string")
             unknown = sorted(set(item) - {"path", "weight", "template", "format", "name"})
             if unknown:
                 problems.append(f"{p}: unknown mixture keys {unknown} (allowed: path, weight, template, format, "
@@ -238,14 +250,39 @@ def _check_sources_options(opts: SourcesOptions) -> None:
                 problems.append(f"{p}: format {item['format']!r}: choose auto or one of {FORMATS}")
     if opts.max_per_task is not None and opts.max_per_task < 1:
         problems.append(f"max_per_task {opts.max_per_task}: must be >= 1")
-    if opts.num_proc < 1:
-        problems.append(f"num_proc {opts.num_proc}: must be >= 1")
-    if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
-        problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+    problems += _common_problems(opts)
     if opts.heldout_tasks and not opts.task_field:
         problems.append("held-out tasks need --task-field (the record field that names each example's task)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _common_problems(opts) -> list[str]:
+    """Checks shared by both kinds of preparation (numbers, output directory)."""
+    problems = []
+    for name, lowest in (("num_proc", 1), ("max_rows_per_shard", 1), ("seed", 0), ("max_eval_instances_per_task", 1)):
+        v = getattr(opts, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
+            problems.append(f"{name} {v!r}: must be >= {lowest}")
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        problems.append(f"{opts.out_dir} is a file, not a directory; choose another --out")
+    elif (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
+        problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+    return problems
+
+
+def clear_outputs(out_dir: Path, slices: bool) -> None:
+    """Removes what an earlier preparation left in ``out_dir`` (shards, eval and rejects files, temporary files,
+    and with ``slices`` the slices directory), so that no stale file sits beside the new ones."""
+    import shutil
+
+    from itune.data.pipeline import SLICES_DIR
+
+    for pattern in ("train-*-of-*.arrow", "test-*-of-*.arrow", "test_eval.jsonl", "rejects.jsonl", ".*.tmp"):
+        for p in out_dir.glob(pattern):
+            p.unlink()
+    if slices:
+        shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)
 
 
 def _specs(opts: SourcesOptions, tok: TextTokenizer) -> list:
@@ -319,11 +356,21 @@ def slice_from_env(shard_index: int | None, num_shards: int | None, env=None) ->
     """
     env = os.environ if env is None else env
     if num_shards is None and shard_index is None and env.get("SLURM_ARRAY_TASK_COUNT"):
-        num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
-        shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        if not env.get("SLURM_ARRAY_TASK_ID"):
+            raise ConfigError("SLURM_ARRAY_TASK_COUNT is set but SLURM_ARRAY_TASK_ID is not; run inside a job array "
+                              "or pass --shard-index and --num-shards")
+        values = {}
+        for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN"):
+            try:
+                values[k] = int(env.get(k, "0"))
+            except ValueError:
+                raise ConfigError(f"{k} {env[k]!r} is not an integer") from None
+        num_shards = values["SLURM_ARRAY_TASK_COUNT"]
+        shard_index = values["SLURM_ARRAY_TASK_ID"] - values["SLURM_ARRAY_TASK_MIN"]
     if (num_shards is None) != (shard_index is None):
         raise ConfigError("give both --shard-index and --num-shards (or neither)")
-    num_shards, shard_index = num_shards or 1, shard_index or 0
+    if num_shards is None:
+        return 0, 1
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ConfigError(f"--shard-index {shard_index} of --num-shards {num_shards}: the index must be in "
                           f"[0, {num_shards}) (a Slurm array must be numbered contiguously)")
@@ -350,7 +397,7 @@ def prepare_sources(opts: SourcesOptions) -> dict:
 
     t0 = time.time()
     opts.inputs = [x if isinstance(x, dict) else Path(x) for x in opts.inputs]
-    opts.out_dir, opts.tokenizer = Path(opts.out_dir), Path(opts.tokenizer)
+    opts.out_dir, opts.tokenizer = Path(opts.out_dir), Path(os.path.abspath(opts.tokenizer))
     opts.fields = dict(opts.fields or {})
     _check_sources_options(opts)
     shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
@@ -370,6 +417,8 @@ def prepare_sources(opts: SourcesOptions) -> dict:
                      "max_bad_fraction": opts.max_bad_fraction})
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
+    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
+        clear_outputs(opts.out_dir, slices=True)
     summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
     if num_shards > 1:
         return summary

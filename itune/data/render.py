@@ -414,7 +414,7 @@ def render(example: Example, tok: TextTokenizer, seq_len: int, template: str = "
         :class:`~itune.data.sources.RecordError` reason of an example the template cannot render
         (``template_mismatch``, ``template_error``, ``reserved_character``).
     """
-    [(r, reason)] = render_batch([example], tok, seq_len, template, overflow, train_on)
+    [(r, reason, _)] = render_batch([example], tok, seq_len, template, overflow, train_on)
     if r is None:
         return None, reason
     return Rendered(r[0].tolist(), r[1].tolist()), None
@@ -425,8 +425,9 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
     """:func:`render` for many examples with one batched tokenizer call.
 
     Returns:
-        Per example ``((input_ids, labels), None)`` with int32 arrays ``[tokens]`` (tokens <= ``seq_len``), or
-        ``(None, reason)``.
+        Per example ``((input_ids, labels), None, None)`` with int32 arrays ``[tokens]`` (tokens <= ``seq_len``),
+        ``(None, reason, None)`` for ``too_long`` / ``no_trainable_tokens``, or ``(None, reason, error)`` with the
+        :class:`~itune.data.sources.RecordError` of an example the template cannot render (a bad record).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"unknown overflow policy {overflow!r}; choose one of {OVERFLOW_POLICIES}")
@@ -437,11 +438,11 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
             segs_list.append(segments(ex, template, tok, train_on))
             todo.append(i)
         except RecordError as e:
-            out[i] = (None, e.reason)
+            out[i] = (None, e.reason, e)
     head = 1 if tok.bos_id is not None else 0
     for i, (ids, labels) in zip(todo, tokenize_segments_batch(segs_list, tok, template == "tokenizer")):
         ids, labels, reason = fit_to_length(ids, labels, seq_len, overflow, head)
-        out[i] = ((ids, labels), None) if reason is None else (None, reason)
+        out[i] = ((ids, labels), None, None) if reason is None else (None, reason, None)
     return out
 
 

@@ -86,7 +86,12 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not p.is_file():
         raise ManifestError(f"{p}: not found. Prepare the data first (`itune-data prepare ...`); "
                             "a directory without a manifest is incomplete.")
-    m = json.loads(p.read_text())
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{p}: not valid JSON ({e}); the directory is damaged: prepare the data again") from e
+    if not isinstance(m, dict):
+        raise ManifestError(f"{p}: not a manifest (a JSON object expected); prepare the data again")
     if m.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{p}: format_version {m.get('format_version')!r}, this itune reads {FORMAT_VERSION}; "
                             "prepare the data again with this version")

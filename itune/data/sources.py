@@ -117,6 +117,9 @@ def _load_task(path: Path) -> dict:
                 f"{path}: field {key!r} must be a list (found {type(task.get(key)).__name__}); "
                 f"keys present: {sorted(task)}"
             )
+    for key in ("Definition", "Categories"):
+        if not all(isinstance(x, str) for x in task[key]):
+            raise DataFormatError(f"{path}: field {key!r} must be a list of strings, found {task[key]!r:.80}")
     return task
 
 
@@ -544,6 +547,8 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
     rid = rec.get(r.key("id"))
     if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
         eid = str(rid)
+        if not _encodable(eid):
+            raise r.err("invalid_utf8", f"field {r._label('id')} is not valid UTF-8 text (a lone surrogate)")
     else:
         eid = f"{_file_name(source)}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
     last = next(m.content for m in reversed(messages) if m.role == "assistant")
@@ -553,6 +558,8 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
             raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
                                         f"(found {_short(value)})")
         name = str(value).strip()
+        if not _encodable(name):
+            raise r.err("invalid_utf8", f"field {task_field!r} (the task name) is not valid UTF-8 text")
     return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra)
 
 

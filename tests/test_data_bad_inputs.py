@@ -1,0 +1,168 @@
+"""Bad inputs and options never crash obscurely, never lose records and never write a wrong dataset."""
+
+import json
+
+import pytest
+
+from data_tools.cli import main
+from itune.data.pipeline import merge_slices
+from itune.data.prepare import PrepareOptions, SourcesOptions, prepare_sources, prepare_superni, slice_from_env
+from itune.data.shards import read_manifest, verify
+from itune.errors import ConfigError, DataFormatError, ManifestError
+from tests.conftest import MISTRAL, SUPERNI
+from tests.test_prepare import _tiny_superni
+from tests.test_sources import _jsonl
+
+
+def _opts(out, inputs, **kw):
+    return SourcesOptions(inputs=inputs, tokenizer=MISTRAL, out_dir=out, seq_len=kw.pop("seq_len", 64), **kw)
+
+
+@pytest.fixture
+def chats(tmp_path):
+    return _jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+    ])
+
+
+def test_template_mismatch_is_a_bad_record(tmp_path, chats):
+    with pytest.raises(DataFormatError, match=r"m.jsonl:2: the alpaca template renders one user \+ one assistant"):
+        prepare_sources(_opts(tmp_path / "o1", [chats], template="alpaca"))
+    with pytest.raises(DataFormatError, match=r"1 of 2 records \(50.00%\) are bad"):
+        prepare_sources(_opts(tmp_path / "o2", [chats], template="alpaca", on_error="skip", max_bad_fraction=0.1))
+    m = prepare_sources(_opts(tmp_path / "o3", [chats], template="alpaca", on_error="skip"))
+    assert m["splits"]["train"]["counts"] == {"read": 2, "written": 1, "rejected": {"template_mismatch": 1}}
+    [rej] = [json.loads(x) for x in (tmp_path / "o3" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["reason"] == "template_mismatch" and "use --template chat" in rej["message"]
+
+
+def test_heldout_rejects_count_in_the_test_split_and_eval_ignores_seq_len(tmp_path):
+    f = _jsonl(tmp_path / "h.jsonl", [{"prompt": "short", "completion": "a", "cat": "H"},
+                                      {"prompt": "long " * 80, "completion": "b", "cat": "H"},
+                                      {"prompt": "short", "completion": "c", "cat": "T"}])
+    m = prepare_sources(_opts(tmp_path / "o", [f], seq_len=32, overflow="drop", task_field="cat",
+                              heldout_tasks=["H"]))
+    assert m["splits"]["train"]["counts"] == {"read": 1, "written": 1, "rejected": {}}
+    assert m["splits"]["test"]["counts"] == {"read": 2, "written": 1, "rejected": {"too_long": 1}}
+    assert m["splits"]["test"]["eval_instances"] == 2  # both held-out instances are evaluated
+    [rej] = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["split"] == "test" and rej["record"].endswith("h.jsonl:2")
+
+
+def test_superni_eval_set_does_not_depend_on_seq_len(tmp_path):
+    a = prepare_superni(PrepareOptions(SUPERNI, MISTRAL, tmp_path / "a", seq_len=512))
+    b = prepare_superni(PrepareOptions(SUPERNI, MISTRAL, tmp_path / "b", seq_len=128, overflow="drop"))
+    assert a["splits"]["test"]["eval_instances"] == b["splits"]["test"]["eval_instances"] == 529
+    assert (tmp_path / "a" / "test_eval.jsonl").read_bytes() == (tmp_path / "b" / "test_eval.jsonl").read_bytes()
+    te = b["splits"]["test"]
+    assert te["counts"]["read"] == 529 and te["counts"]["rejected"]["too_long"] > 0
+
+
+def test_duplicate_heldout_ids_are_refused(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "completion": "c", "cat": "t1"},
+                                      {"id": "a", "prompt": "q", "completion": "d", "cat": "t1"}])
+    with pytest.raises(ConfigError, match=r"held-out instances share ids \['a'\]"):
+        prepare_sources(_opts(tmp_path / "o", [f], task_field="cat", heldout_tasks=["t1"]))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_rows_per_shard": 0}, "max_rows_per_shard 0: must be >= 1"),
+    ({"seed": -1}, "seed -1: must be >= 0"),
+    ({"num_shards": 0, "shard_index": 0}, "--num-shards 0"),
+    ({"max_eval_instances_per_task": -5}, "max_eval_instances_per_task -5: must be >= 1"),
+])
+def test_bad_numbers_are_refused_before_work(tmp_path, chats, kw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        prepare_sources(_opts(tmp_path / "o", [chats], **kw))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_instances_per_task": -1}, "max_instances_per_task -1: must be >= 1"),
+    ({"max_eval_instances_per_task": 0}, "max_eval_instances_per_task 0: must be >= 1"),
+    ({"num_pos_examples": -1}, "num_pos_examples -1: must be >= 0"),
+    ({"max_rows_per_shard": -1}, "max_rows_per_shard -1: must be >= 1"),
+])
+def test_bad_superni_numbers_are_refused(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare_superni(PrepareOptions(SUPERNI, MISTRAL, tmp_path / "o", **kw))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "2"])
+def test_bad_mixture_weights(tmp_path, chats, weight):
+    with pytest.raises(ConfigError, match="must be a finite number >= 0"):
+        prepare_sources(_opts(tmp_path / "o", [{"path": chats, "weight": weight}]))
+    with pytest.raises(ConfigError, match="name 5 must be a non-empty string"):
+        prepare_sources(_opts(tmp_path / "o", [{"path": chats, "name": 5}]))
+
+
+def test_unencodable_id_or_task_is_a_bad_record(tmp_path):
+    f = _jsonl(tmp_path / "s.jsonl", ['{"id": "ok\\ud800", "prompt": "a", "completion": "b"}',
+                                      '{"prompt": "a", "completion": "b", "cat": "t\\udc80"}',
+                                      {"prompt": "a", "completion": "b", "cat": "fine"}])
+    m = prepare_sources(_opts(tmp_path / "o", [f], on_error="skip", task_field="cat"))
+    assert m["splits"]["train"]["counts"] == {"read": 3, "written": 1, "rejected": {"invalid_utf8": 2}}
+
+
+def test_superni_task_with_a_non_string_definition(tmp_path):
+    _tiny_superni(tmp_path / "sn", [{"id": "a", "input": "x", "output": ["y"]}])
+    p = next((tmp_path / "sn" / "tasks").glob("*.json"))
+    t = json.loads(p.read_text())
+    t["Definition"] = [5]
+    p.write_text(json.dumps(t))
+    with pytest.raises(DataFormatError, match="'Definition' must be a list of strings"):
+        prepare_superni(PrepareOptions(tmp_path / "sn", MISTRAL, tmp_path / "o", seq_len=64))
+
+
+def test_slurm_environment_half_set():
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_COUNT is set but SLURM_ARRAY_TASK_ID is not"):
+        slice_from_env(None, None, {"SLURM_ARRAY_TASK_COUNT": "2"})
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID 'x' is not an integer"):
+        slice_from_env(None, None, {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "x"})
+
+
+def test_output_path_and_manifest_errors_are_clear(tmp_path, chats, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = ["prepare", "--input", str(chats), "--tokenizer", str(MISTRAL), "--seq-len", "64"]
+    assert main(args + ["--out", str(afile)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    out = tmp_path / "o"
+    assert main(args + ["--out", str(out)]) == 0
+    (out / "manifest.json").write_text("{bad")
+    for cmd in (["verify", str(out)], ["inspect", str(out)], ["stats", str(out)]):
+        assert main(cmd) == 2
+        assert "manifest.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_overwrite_removes_stale_shards_and_slices(tmp_path, chats):
+    out = tmp_path / "o"
+    prepare_sources(_opts(out, [chats], max_rows_per_shard=1, pack=False))
+    assert len(list(out.glob("train-*.arrow"))) == 2
+    prepare_sources(_opts(out, [chats], shard_index=1, num_shards=3, overwrite=True))  # a stale slice
+    m = prepare_sources(_opts(out, [chats], overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rejects.jsonl", "train-00000-of-00001.arrow"]
+    assert m["splits"]["train"]["rows"] == 1 and verify(out) == []
+
+
+def test_merge_names_stale_slices_and_checks_token_files(tmp_path, chats):
+    out = tmp_path / "o"
+    prepare_sources(_opts(out, [chats], shard_index=1, num_shards=3))
+    for i in range(2):
+        prepare_sources(_opts(out, [chats], shard_index=i, num_shards=2))
+    with pytest.raises(ManifestError, match=r"slice-00001-of-00003: from another preparation"):
+        merge_slices(out)
+    (out / "slices" / "slice-00001-of-00003" / "slice.json").unlink()
+    tokens = out / "slices" / "slice-00000-of-00002" / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    with pytest.raises(ManifestError, match=r"tokens.bin: 4 bytes short"):
+        merge_slices(out)
+
+
+def test_relative_tokenizer_path_is_stored_absolute(tmp_path, chats, monkeypatch):
+    monkeypatch.chdir(MISTRAL.parent)
+    m = prepare_sources(SourcesOptions([chats], MISTRAL.name, tmp_path / "o", seq_len=64))
+    assert m["tokenizer"]["path"] == str(MISTRAL)
+    assert read_manifest(tmp_path / "o")["tokenizer"]["path"] == str(MISTRAL)
