@@ -1,6 +1,7 @@
 """Bad inputs and options never crash obscurely, never lose records and never write a wrong dataset."""
 
 import json
+import os
 
 import pytest
 
@@ -166,3 +167,40 @@ def test_relative_tokenizer_path_is_stored_absolute(tmp_path, chats, monkeypatch
     m = prepare_sources(SourcesOptions([chats], MISTRAL.name, tmp_path / "o", seq_len=64))
     assert m["tokenizer"]["path"] == str(MISTRAL)
     assert read_manifest(tmp_path / "o")["tokenizer"]["path"] == str(MISTRAL)
+
+
+def test_field_mapped_twice_is_refused():
+    from itune.data.sources import parse_field_mapping
+
+    assert parse_field_mapping(["prompt=q", "prompt=q"]) == {"prompt": "q"}
+    with pytest.raises(DataFormatError, match="--field prompt: mapped twice \\('q' and 'question'\\)"):
+        parse_field_mapping(["prompt=q", "prompt=question"])
+
+
+def test_ctrl_c_stops_a_multi_process_run_and_a_rerun_is_complete(tmp_path):
+    """SIGINT to the whole process group (Ctrl-C) ends a --num-proc 2 run promptly; the rerun is a full dataset."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = _jsonl(tmp_path / "big.jsonl", [{"prompt": f"question {i} " * 30, "completion": f"answer {i}"}
+                                        for i in range(30000)])
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "data_tools.cli", "prepare", "--input", str(f), "--tokenizer", str(MISTRAL),
+           "--seq-len", "2048", "--num-proc", "2", "--out", str(out)]
+    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list((out / "slices").glob("*/tokens.bin")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop within 30 s of Ctrl-C")
+    assert p.returncode != 0 and not (out / "manifest.json").exists()
+    m = prepare_sources(_opts(out, [f], seq_len=2048, num_proc=2))
+    assert m["splits"]["train"]["counts"] == {"read": 30000, "written": 30000, "rejected": {}}
+    assert verify(out) == []

@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -168,8 +169,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(plan: PipelinePlan, parallel_tokenizer: bool) -> None:
-    if not parallel_tokenizer:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if not parallel_tokenizer:  # a worker process: one core each; Ctrl-C is handled by the main process alone,
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # which then terminates the pool (no half-dead workers)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.clear()
     _WORKER.update(plan=plan, tok=TextTokenizer.load(plan.tokenizer), heldout=set(plan.heldout_tasks))
 

@@ -252,7 +252,7 @@ def parse_field_mapping(items: list[str] | dict | None) -> dict[str, str]:
     """Parses ``["prompt=question", ...]`` (canonical name = key in the file) into a dict.
 
     Raises:
-        DataFormatError: an item without ``=`` or a canonical name that no format uses.
+        DataFormatError: an item without ``=``, a canonical name that no format uses, or one mapped twice.
     """
     if not items:
         return {}
@@ -269,6 +269,8 @@ def parse_field_mapping(items: list[str] | dict | None) -> dict[str, str]:
         if name not in CANONICAL_FIELDS:
             raise DataFormatError(f"--field {name}={key}: unknown field name {name!r}; "
                                   f"mappable names are {', '.join(CANONICAL_FIELDS)}")
+        if name in out and out[name] != key:
+            raise DataFormatError(f"--field {name}: mapped twice ({out[name]!r} and {key!r}); give it once")
         out[name] = key
     return out
 
