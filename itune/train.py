@@ -539,12 +539,13 @@ def run(cfg: RunConfig) -> dict:
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
         batches = [s.train_rows.rows(ids)
                    for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)]
+        lr = s.scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler steps inside engine.step)
         r = train_step(engine, batches, s.world)
         done = step + 1
         skipped = check_nonfinite(r, done, s.world, s.skipped_at, cfg.train.skip_nonfinite_steps, s.ckpt_dir)
         dt = time.time() - t0
         grad_norm = engine.get_global_grad_norm()
-        record = {"loss": r.loss, "lr": s.scheduler.get_last_lr()[0],
+        record = {"loss": r.loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "target_tokens": r.target_tokens, "real_tokens_per_s": r.real_tokens / dt,
                   "padding_fraction": 1 - r.real_tokens / plan.tokens_per_step, "step_time_s": dt,

@@ -10,7 +10,7 @@ import torch
 from itune.data.shards import open_split, read_manifest
 from itune.loader import PackedRows
 from itune.train import fixed_batch_loss
-from tests.conftest import SUPERNI, deepspeed_cmd, run_cmd
+from tests.conftest import ROOT, SUPERNI, deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 8
@@ -58,6 +58,15 @@ def test_training_ran_on_two_ranks_and_loss_fell(pipeline):
         assert res["step"] == step and res["num_instances"] == 10
     metrics = [json.loads(x) for x in (pipeline["run"] / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["kind"] == "heldout_generation"] == [4, 8]
+    # the lr logged for step k is the one that step applied: warmup 2 steps, then cosine to the end
+    from itune.config import load_config
+    from itune.model import lr_lambda
+
+    optim = load_config(ROOT / "configs" / "superni_tiny.yaml").optim
+    f = lr_lambda(optim, STEPS)
+    logged = [m["lr"] for m in metrics if m.get("kind") == "train"]
+    assert logged == pytest.approx([optim.lr * f(k) for k in range(STEPS)], rel=1e-12)
+    assert logged[0] == pytest.approx(optim.lr / 2)
 
 
 def test_export_loads_and_reproduces_engine_loss(pipeline):
