@@ -9,7 +9,7 @@
     itune-data synthetic-suite --out runs/demo/suite            # the embedded default task suite
     itune-data train-tokenizer --superni runs/demo/suite --vocab-size 1024 --out runs/demo/tokenizer
     itune-data prepare --input a.jsonl --input b.json --num-proc 2 --tokenizer TOK --seq-len 2048 --out runs/data/mix
-    itune-data prepare --mixture configs/mixture_example.yaml --tokenizer TOK --out runs/data/mix
+    itune-data prepare --mixture configs/mixture_example.yaml --on-error skip --tokenizer TOK --out runs/data/mix
     itune-data prepare --input a.jsonl ... --num-shards 2 --shard-index 0 --out OUT   # one slice (job array task)
     itune-data merge OUT                                                            # after every slice
     itune-data verify runs/data/superni_512
@@ -106,7 +106,10 @@ def _print_splits(m: dict, out) -> int:
     for split, info in m["splits"].items():
         c = info["counts"]
         print(f"{split}: {len(info['tasks'])} tasks, read {c['read']} = written {c['written']} + rejected "
-              f"{sum(c['rejected'].values())} {c['rejected'] or ''}; {info['rows']} rows of {m['seq_len']} tokens "
+              f"{sum(c['rejected'].values())} {c['rejected'] or ''}; "
+              + (f"mixture -> {info['examples']} examples; " if info.get("examples", c["written"]) != c["written"]
+                 else "")
+              + f"{info['rows']} rows of {m['seq_len']} tokens "
               f"({m['packing']}), {info['trainable_tokens']} trainable tokens, packing efficiency "
               f"{info['packing_efficiency']:.4f}" + (f", {info['eval_instances']} eval instances"
                                                      if "eval_instances" in info else ""))
@@ -279,12 +282,12 @@ def main(argv=None) -> int:
     q.set_defaults(fn=_verify)
     q = sub.add_parser("inspect", help="show decoded rows, trained tokens in [[...]]")
     q.add_argument("data")
-    q.add_argument("--split", default="train")
-    q.add_argument("--rows", type=int, default=1)
+    q.add_argument("--split", default="train", help="split to show (train, or test when there are held-out tasks)")
+    q.add_argument("--rows", type=int, default=1, help="rows to decode (default 1)")
     q.set_defaults(fn=_inspect)
     q = sub.add_parser("stats", help="plot example lengths and row fill of a split to a PNG")
     q.add_argument("data")
-    q.add_argument("--split", default="train")
+    q.add_argument("--split", default="train", help="split to plot (default train)")
     q.add_argument("--out", help="PNG path (default DATA/stats-SPLIT.png)")
     q.set_defaults(fn=_stats)
     a = p.parse_args(argv)
@@ -295,6 +298,9 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stderr.close()
+        return 0
     except OSError as e:  # a path that cannot be written or read: name it
         print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2

@@ -306,3 +306,13 @@ def test_inspect_marks_trained_tokens_and_prints_task_statistics(tmp_path, capsy
     # the first piece carries the metaspace prefix; the response and its EOS are trained
     assert shown == ["<s> Say hi[[ hi]][[</s>]]", "<s> Say no[[ no]][[</s>]]", "<s> Say yes[[ yes]][[</s>]]"]
     assert out[-3:] == ["== train: task, examples, trained tokens", "agree\t2\t4", "greet\t1\t2"]
+
+
+def test_example_mixture_file_is_valid():
+    from tests.conftest import ROOT
+
+    path = ROOT / "configs" / "mixture_example.yaml"
+    entries, cap = load_mixture(path)
+    assert cap == 1000 and [e["weight"] for e in entries] == [0.5, 2]
+    assert all(e["path"].is_file() for e in entries)
+    assert path.read_text().splitlines()[0].startswith("# itune-data prepare --mixture configs/mixture_example.yaml")

@@ -46,16 +46,17 @@ def test_alpaca_prompt_dict_text():
 def test_alpaca_layout_with_input(mistral_tokenizer):
     ex = _rec({"instruction": "Add.", "input": "2 3", "output": "5\n\n"}, "alpaca")
     segs = segments(ex, "alpaca")
-    assert segs[0].text == ALPACA_PROMPT_INPUT.format(instruction="Add.", input="2 3") and not segs[0].trainable
-    assert (segs[1].text, segs[1].trainable) == ("\n5", True)  # trailing blank lines of the output are stripped
+    assert segs[0].text == ALPACA_PROMPT_INPUT.format(instruction="Add.", input="2 3") + "\n"
+    assert not segs[0].trainable
+    assert (segs[1].text, segs[1].trainable) == ("5", True)  # trailing blank lines of the output are stripped
     r = _layout(mistral_tokenizer, ex, "alpaca")
     assert r.input_ids == [1, 21579, 1117, 1164, 13894, 1137, 14734, 1032, 4406, 29493, 6649, 2128, 1163, 1164, 3555,
                            1137, 6080, 4397, 3526, 29491, 12786, 1032, 3667, 1137, 7350, 2767, 3459, 1042, 1040, 2927,
                            29491, 781, 781, 28100, 3901, 3880, 29515, 781, 2759, 29491, 781, 781, 28100, 12000, 29515,
                            781, 29518, 29473, 29538, 781, 781, 28100, 12875, 29515, 781, 29550, 2]
-    # "### Response:" | "\n" "5" </s>: the newline, the first answer token and the EOS are trained
-    assert r.labels == [X] * 54 + [781, 29550, 2]
-    assert render_prompt(ex, mistral_tokenizer, "alpaca") == r.input_ids[:54]
+    # "### Response:" "\n" | "5" </s>: the output and the EOS are trained, the newline is prompt
+    assert r.labels == [X] * 55 + [29550, 2]
+    assert render_prompt(ex, mistral_tokenizer, "alpaca") == r.input_ids[:55]
 
 
 def test_alpaca_layout_without_input(mistral_tokenizer):
@@ -64,7 +65,7 @@ def test_alpaca_layout_without_input(mistral_tokenizer):
     assert r.input_ids == [1, 21579, 1117, 1164, 13894, 1137, 14734, 1032, 4406, 29491, 12786, 1032, 3667, 1137, 7350,
                            2767, 3459, 1042, 1040, 2927, 29491, 781, 781, 28100, 3901, 3880, 29515, 781, 29503, 1107,
                            12782, 29491, 781, 781, 28100, 12875, 29515, 781, 6133, 2]
-    assert r.labels == [X] * 37 + [781, 6133, 2]
+    assert r.labels == [X] * 38 + [6133, 2]
 
 
 def test_alpaca_template_refuses_conversations(mistral_tokenizer):

@@ -340,7 +340,7 @@ def load_mixture(path: str | Path) -> tuple[list[dict], int | None]:
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
             raise ConfigError(f"{path}: sources[{i}] must be a mapping with a 'path' string, found {e!r}")
         p = Path(e["path"])
-        out.append(dict(e, path=p if p.is_absolute() else path.parent / p))
+        out.append(dict(e, path=p if p.is_absolute() else Path(os.path.normpath(path.parent / p))))
     cap = doc.get("max_per_task")
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool)):
         raise ConfigError(f"{path}: max_per_task must be an integer, found {cap!r}")

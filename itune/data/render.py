@@ -16,7 +16,8 @@ are searched for. Exactly one BOS is prepended; the EOS that ends a response is 
 Templates (:data:`TEMPLATES`):
 
 - ``completion``: messages concatenated; each assistant message as ``" " + content.strip()`` + EOS (SuperNI).
-- ``alpaca``: the Stanford Alpaca ``PROMPT_DICT`` prompt (with or without input), then ``"\n" + output`` + EOS.
+- ``alpaca``: the Stanford Alpaca ``PROMPT_DICT`` prompt (with or without input) and a newline, then the trained
+  ``output`` + EOS.
 - ``chat``: plain-text role headers, as in open-instruct (Tulu)::
 
       <|system|>
@@ -165,7 +166,9 @@ def _alpaca_segments(example: Example) -> list[Segment]:
     instruction = example.extra.get("instruction", user.content.strip())
     inp = example.extra.get("input", "")
     prompt = (ALPACA_PROMPT_INPUT if inp else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
-    return [Segment(prompt, False), Segment("\n" + answer.content.strip(), True)]
+    # the newline after "### Response:" belongs to the prompt: only the output and its EOS are trained, as in
+    # Stanford Alpaca's train.py (labels -100 over the whole source)
+    return [Segment(prompt + "\n", False), Segment(answer.content.strip(), True)]
 
 
 def _jinja_template(source: str):
