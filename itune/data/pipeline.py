@@ -318,6 +318,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
+    t0 = time.time()
     jobs = (j for j in iter_chunks(plan) if j[0] % plan.num_slices == index)
     per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter(), "rejected_test": Counter()}
                   for _ in plan.sources]
@@ -353,7 +354,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
                "num_slices": plan.num_slices, "chunks": chunks, "tokens": offset,
                "sources": [dict(s, rejected=dict(s["rejected"]), rejected_test=dict(s["rejected_test"]))
                            for s in per_source],
-               "created_by": f"itune {__version__}"}
+               "created_by": f"itune {__version__}", "seconds": round(time.time() - t0, 3)}
     atomic_write_text(d / SLICE_DONE, json.dumps(summary) + "\n")
     return summary
 
@@ -685,7 +686,8 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
         "seq_len": plan.seq_len,
         "seed": plan.seed,
         "heldout_tasks": heldout,
-        "preparation": {"slices": plan.num_slices, "chunk_records": plan.chunk_records},
+        "preparation": {"slices": plan.num_slices, "chunk_records": plan.chunk_records,
+                        "slice_seconds": [s.get("seconds") for s in summaries]},
         "splits": splits,
         "seconds": round(time.time() - t0, 3),
     }
