@@ -100,19 +100,13 @@ def test_render_batch_equals_render_and_applies_overflow(mistral_tokenizer):
     assert reasons == [None if n <= 24 else "too_long" for n in full] and reasons.count("too_long") == 4
 
 
-def test_special_token_text_in_data_is_plain_text(mistral_tokenizer):
-    """"<s>", "</s>" or "[INST]" written in a record never become control tokens: exactly one BOS, and the only
-    trained EOS is the one that ends the response."""
+def test_special_token_text_in_records_is_refused(mistral_tokenizer):
+    """"<s>", "</s>" or "[INST]" written in a record would become control tokens (a second BOS, a trained EOS
+    mid-answer): every template refuses such a record, and a record without them renders normally."""
     tok = mistral_tokenizer
-    ex = Example("e", [Message("user", "say <s> and </s> please"), Message("assistant", "ok </s> more [INST] x")],
-                 "t")
-    for template in ("completion", "chat", "alpaca"):
-        r, reason = render(ex, tok, 256, template)
-        assert reason is None
-        assert r.input_ids.count(tok.bos_id) == 1 and r.input_ids[0] == tok.bos_id
-        assert r.input_ids.count(tok.eos_id) == 1 and r.labels[-1] == r.input_ids[-1] == tok.eos_id
-        assert 3 not in r.input_ids  # [INST]
-        assert "</s> more [INST] x" in tok.decode([i for i, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX])
-    # the tokenizer's own template writes control tokens as text, so a record may not forge them
-    r, reason = render(ex, tok, 256, "tokenizer")
-    assert r is None and reason == "special_token_text"
+    bad = Example("e", [Message("user", "say <s> and"), Message("assistant", "ok </s> more [INST] x")], "t")
+    good = Example("g", [Message("user", "say s and"), Message("assistant", "ok /s more INST x")], "t")
+    for template in ("completion", "chat", "alpaca", "tokenizer"):
+        (r, reason, err), (r2, reason2, _) = render_batch([bad, good], tok, 256, template)
+        assert r is None and reason == "special_token_text" and "'<s>'" in err.detail
+        assert reason2 is None and list(r2[0]).count(tok.bos_id) == 1 and list(r2[0]).count(tok.eos_id) == 1

@@ -233,11 +233,6 @@ def _strip_bos_text(text: str, tok: TextTokenizer) -> str:
 def _template_segments(example: Example, tok: TextTokenizer, trained: list[bool]) -> list[Segment]:
     msgs = []
     for m in example.messages:
-        hit = tok.find_special_text(m.content)
-        if hit is not None:  # the template's special tokens are parsed as control tokens: data must not forge them
-            raise RecordError("special_token_text", example.id,
-                              f"a {m.role} message contains the special-token text {hit!r}, which the tokenizer "
-                              "template would turn into a control token; remove it or use --template chat")
         if _MARK_START in m.content or _MARK_END in m.content:
             raise RecordError("reserved_character", example.id, "a message holds U+E000 or U+E001, reserved by the "
                                                                 "tokenizer template renderer")
@@ -352,7 +347,7 @@ def _label_tokens(ids: list[int], starts, ends, ranges, eos_at, tok: TextTokeniz
     return arr, np.where(np.frombuffer(out_mask, dtype=np.uint8).astype(bool), arr, np.int32(IGNORE_INDEX))
 
 
-def tokenize_segments(segs: list[Segment], tok: TextTokenizer, special_tokens_in_text: bool = False) -> Rendered:
+def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
     """Tokenizes the concatenated segments once and labels tokens by character offsets.
 
     A token is trainable when its span overlaps a trainable segment. An EOS id is inserted after each segment
@@ -360,17 +355,16 @@ def tokenize_segments(segs: list[Segment], tok: TextTokenizer, special_tokens_in
     segment is. The cost is one tokenizer call and one pass over the tokens: linear in the number of turns.
     """
     text, ranges, eos_at = _layout(segs)
-    ids, offsets = tok.encode_with_offsets(text, special_tokens_in_text)
+    ids, offsets = tok.encode_with_offsets(text)
     arr, labels = _label_tokens(ids, [a for a, _ in offsets], [b for _, b in offsets], ranges, eos_at, tok)
     return Rendered(arr.tolist(), labels.tolist())
 
 
-def tokenize_segments_batch(segs_list: list[list[Segment]], tok: TextTokenizer, special_tokens_in_text: bool = False
-                            ) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_segments_batch(segs_list: list[list[Segment]], tok: TextTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`tokenize_segments` for many examples with one batched tokenizer call; returns int32 arrays
     ``(input_ids [tokens], labels [tokens])`` per example (equal to :func:`tokenize_segments`'s lists)."""
     layouts = [_layout(segs) for segs in segs_list]
-    encs = tok.encode_batch([t for t, _, _ in layouts], special_tokens_in_text)
+    encs = tok.encode_batch([t for t, _, _ in layouts])
     return [_label_tokens(enc.ids, _EncodingSpans(enc, 0), _EncodingSpans(enc, 1), ranges, eos_at, tok)
             for enc, (_, ranges, eos_at) in zip(encs, layouts)]
 
@@ -423,6 +417,22 @@ def render(example: Example, tok: TextTokenizer, seq_len: int, template: str = "
     return Rendered(r[0].tolist(), r[1].tolist()), None
 
 
+def check_no_special_text(example: Example, tok: TextTokenizer) -> None:
+    """Refuses an example whose messages contain a special token's text (``<s>``, ``</s>``, ``[INST]``, an added
+    ``<|user|>``...). Rendered text is encoded with special tokens parsed, so that template headers can be added
+    tokens; such a string in a record would become a control token (a second BOS, a trained EOS mid-answer).
+
+    Raises:
+        RecordError: reason ``special_token_text``, naming the role and the text.
+    """
+    for m in example.messages:
+        hit = tok.find_special_text(m.content)
+        if hit is not None:
+            raise RecordError("special_token_text", example.id,
+                              f"a {m.role} message contains {hit!r}, the text of a special token of the tokenizer, "
+                              "which would be encoded as that control token; remove or escape it")
+
+
 def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
                  overflow: str = "truncate_prompt_left", train_on: str = "all"):
     """:func:`render` for many examples with one batched tokenizer call.
@@ -438,12 +448,13 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
     todo, segs_list = [], []
     for i, ex in enumerate(examples):
         try:
+            check_no_special_text(ex, tok)
             segs_list.append(segments(ex, template, tok, train_on))
             todo.append(i)
         except RecordError as e:
             out[i] = (None, e.reason, e)
     head = 1 if tok.bos_id is not None else 0
-    for i, (ids, labels) in zip(todo, tokenize_segments_batch(segs_list, tok, template == "tokenizer")):
+    for i, (ids, labels) in zip(todo, tokenize_segments_batch(segs_list, tok)):
         ids, labels, reason = fit_to_length(ids, labels, seq_len, overflow, head)
         out[i] = ((ids, labels), None, None) if reason is None else (None, reason, None)
     return out
@@ -457,4 +468,4 @@ def render_prompt(example: Example, tok: TextTokenizer, template: str = "complet
     renders earlier turns the same way in both cases (mistral v0.3 does not: it moves the system message into the
     last user turn).
     """
-    return tokenize_segments(prompt_segments(example, template, tok), tok, template == "tokenizer").input_ids
+    return tokenize_segments(prompt_segments(example, template, tok), tok).input_ids

@@ -125,14 +125,15 @@ class TextTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def _literal(self, special_tokens_in_text: bool) -> None:
-        # encode_special_tokens=True: "<s>" or "[INST]" written in data is ordinary text, never a control token
+        # encode_special_tokens=True would encode "<s>" or "[INST]" in the text as ordinary text
         self._tok.encode_special_tokens = not special_tokens_in_text
 
-    def encode_with_offsets(self, text: str, special_tokens_in_text: bool = False
+    def encode_with_offsets(self, text: str, special_tokens_in_text: bool = True
                             ) -> tuple[list[int], list[tuple[int, int]]]:
         """Encodes ``text`` without adding special tokens. Special-token strings in ``text`` (``</s>``,
-        ``[INST]``, ...) are encoded as the plain text they are, unless ``special_tokens_in_text`` (text written by
-        the tokenizer's own chat template).
+        ``[INST]``, an added ``<|user|>``) become their control tokens (the text a template writes), or plain text
+        with ``special_tokens_in_text=False``. Record contents never reach here with such strings: rendering refuses
+        them (:func:`itune.data.render.render_batch`).
 
         Returns:
             (ids, offsets): offsets[i] = (start, end) character span of token i in ``text``.
@@ -141,13 +142,13 @@ class TextTokenizer:
         enc = self._tok.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def encode_batch(self, texts: list[str], special_tokens_in_text: bool = False):
+    def encode_batch(self, texts: list[str], special_tokens_in_text: bool = True):
         """``tokenizers.Encoding`` objects of ``texts`` as :meth:`encode_with_offsets` (parallel in the Rust
         backend)."""
         self._literal(special_tokens_in_text)
         return self._tok.encode_batch(texts, add_special_tokens=False)
 
-    def encode_batch_with_offsets(self, texts: list[str], special_tokens_in_text: bool = False):
+    def encode_batch_with_offsets(self, texts: list[str], special_tokens_in_text: bool = True):
         """Batch version of :meth:`encode_with_offsets` (parallel in the Rust backend)."""
         self._literal(special_tokens_in_text)
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
