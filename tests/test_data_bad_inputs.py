@@ -190,7 +190,9 @@ def test_ctrl_c_stops_a_multi_process_run_and_a_rerun_is_complete(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "data_tools.cli", "prepare", "--input", str(f), "--tokenizer", str(MISTRAL),
            "--seq-len", "2048", "--num-proc", "2", "--out", str(out)]
-    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # as from an interactive shell: SIGINT at its default (a background job, e.g. under CI, inherits it ignored)
+    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
             t.stat().st_size > 0 for t in (out / "slices").glob("*/tokens.bin")):  # workers are busy
