@@ -65,6 +65,24 @@ class PrepareOptions:
     keep_slices: bool = False
 
 
+def _run(plan, opts, shard_index: int, num_shards: int, t0: float) -> dict:
+    """Prepares slice ``shard_index`` of ``num_shards`` into ``opts.out_dir``; with one slice, merges it too.
+
+    Returns:
+        The manifest, or with ``num_shards`` > 1 the slice summary (``itune-data merge`` writes the manifest).
+    """
+    from itune.data import pipeline
+
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
+    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
+        clear_outputs(opts.out_dir, slices=True)
+    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
+    if num_shards > 1:
+        return summary
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
+
+
 def check_superni_dir(root: Path) -> None:
     """Raises ConfigError unless ``root`` looks like a SuperNI checkout (``tasks/`` with task files)."""
     if not root.is_dir():
@@ -139,14 +157,7 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         source_kind={"kind": "superni", "path": str(opts.superni_dir), **sn,
                      "max_instances_per_task": opts.max_instances_per_task},
         extra_manifest={"prompt_format": "tk_instruct"})
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
-    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
-        clear_outputs(opts.out_dir, slices=True)
-    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
-    if num_shards > 1:
-        return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
+    return _run(plan, opts, shard_index, num_shards, t0)
 
 
 @dataclass
@@ -415,11 +426,4 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
                      "task_field": opts.task_field, "on_error": opts.on_error,
                      "max_bad_fraction": opts.max_bad_fraction})
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
-    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
-        clear_outputs(opts.out_dir, slices=True)
-    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
-    if num_shards > 1:
-        return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
+    return _run(plan, opts, shard_index, num_shards, t0)
