@@ -513,6 +513,14 @@ def _resume(s: Setup) -> int:
     return st["global_step"]
 
 
+def close_distributed() -> None:
+    """Barrier, then ``destroy_process_group``: every rank leaves together and no communication thread is left
+    running at interpreter exit (where it can abort the process: "terminate called without an active exception")."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def run(cfg: RunConfig) -> dict:
     """Trains per ``cfg``; returns a summary (also ``output_dir/train_summary.json``).
 
@@ -580,7 +588,7 @@ def run(cfg: RunConfig) -> dict:
             _save(s, done)
             log.print(f"preempted: checkpoint saved at optimizer step {done}; exiting with {EXIT_PREEMPTED}")
             log.close()
-            tdist.barrier()
+            close_distributed()
             sys.exit(EXIT_PREEMPTED)
     progress.close()
 

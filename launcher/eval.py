@@ -13,4 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":
     from itune.eval.cli import main
 
-    sys.exit(main())
+    rc = main()
+    if "torch.distributed" in sys.modules:  # ZeRO-3 generation ran: leave the process group together
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()
+    sys.exit(rc)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from itune.train import preflight, run
+    from itune.train import close_distributed, preflight, run
 
     try:
         preflight(cfg)
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    close_distributed()
     return 0
 
 
