@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from itune import __version__, checkpoint, dist
+from itune.comm import close_distributed, init_distributed
 from itune.config import BatchPlan, RunConfig, to_dict
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
@@ -300,14 +299,10 @@ def setup(cfg: RunConfig) -> Setup:
     """
     env = dist.resolve()
     dist.export_for_torch(env)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cuda = init_distributed(cfg.train.collective_timeout_s)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                               timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     if cuda:
         torch.cuda.set_device(env.local_rank)
@@ -511,14 +506,6 @@ def _resume(s: Setup) -> int:
     s.log.print(f"resumed from {s.ckpt_dir / tag} at optimizer step {st['global_step']} (epoch {st['epoch']}, "
                 f"step in epoch {st['step_in_epoch']}; saved with {st['world_size']} ranks, now {s.world})")
     return st["global_step"]
-
-
-def close_distributed() -> None:
-    """Barrier, then ``destroy_process_group``: every rank leaves together and no communication thread is left
-    running at interpreter exit (where it can abort the process: "terminate called without an active exception")."""
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
 
 
 def run(cfg: RunConfig) -> dict:

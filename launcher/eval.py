@@ -15,9 +15,7 @@ if __name__ == "__main__":
 
     rc = main()
     if "torch.distributed" in sys.modules:  # ZeRO-3 generation ran: leave the process group together
-        import torch.distributed as tdist
+        from itune.comm import close_distributed
 
-        if tdist.is_initialized():
-            tdist.barrier()
-            tdist.destroy_process_group()
+        close_distributed()
     sys.exit(rc)

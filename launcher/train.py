@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from itune.train import close_distributed, preflight, run
+    from itune.comm import close_distributed
+    from itune.train import preflight, run
 
     try:
         preflight(cfg)

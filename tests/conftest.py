@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +61,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
 def run_cmd(cmd, cwd=ROOT, timeout=900, env=None, check=True):
-    """Runs a command, returning CompletedProcess; on failure the assertion shows the output tail."""
+    """Runs a command in its own session, returning CompletedProcess; on failure the assertion shows the output tail.
+
+    On timeout (or an interrupted test session) the whole process group is killed, a launcher's ranks too, so no
+    hung rank outlives the test; a timeout fails the test with the output so far."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            out, err = proc.communicate()
+            pytest.fail(f"{cmd} did not finish in {timeout} s (process group killed)\n{out[-4000:]}\n{err[-6000:]}")
+        except BaseException:  # Ctrl-C of the test session: take the command's processes down with it
+            _kill_group(proc.pid)
+            raise
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check:
         assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     return p

@@ -90,3 +90,22 @@ def test_mislaunch_exits_2_with_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: RANK='5' (WORLD_SIZE='2') is set")
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_launch_builds_no_shm_op_leaves_no_shared_memory_and_ignores_a_stale_extension_lock(data, tmp_path):
+    """On CPU DeepSpeed's shared-memory all-reduce op is not used: no JIT build, no lock file under
+    TORCH_EXTENSIONS_DIR (a stale one, left by a rank killed while loading the op, made every later launch wait
+    forever), and no /dev/shm segments left behind (66 MB per rank per launch, never unlinked)."""
+    ext = tmp_path / "torch_extensions"  # with TORCH_EXTENSIONS_DIR set, torch builds op NAME in ext/NAME
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")  # what a killed build leaves: torch's FileBaton waits until this file disappears
+    cmd = deepspeed_cmd(2, "launcher/train.py", "--config", CONFIG, f"output_dir={tmp_path / 'run'}",
+                        f"data.path={data}", "train.max_steps=1", "checkpoint.export=false")
+    port = cmd[cmd.index("--master_port") + 1]
+    proc = run_cmd(cmd, env={"TORCH_EXTENSIONS_DIR": str(ext)}, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "rank 0/2" in log and len(_losses(tmp_path / "run")) == 1
+    assert "deepspeed_shm_comm" not in log  # neither built nor loaded
+    assert lock.exists() and [p.name for p in lock.parent.iterdir()] == ["lock"]
+    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []

@@ -8,7 +8,6 @@ ZeRO-3 and generation uses ``synced_gpus``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from itune.data.tokenizer import TextTokenizer
 from itune.eval import report
 from itune.eval.generate import generate_all
 from itune.eval.metrics import score_superni
+from itune.comm import init_distributed
 from itune.errors import ConfigError, ManifestError
 
 
@@ -194,13 +194,10 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     state = json.loads((ckpt_dir / tag / "itune_state.json").read_text())
     env = dist.resolve()
     dist.export_for_torch(env)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cuda = init_distributed()
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     cfg = config_from_dict(state["config"])
     m = shards.read_manifest(cfg.data.path)
     if eval_data is not None and shards.read_manifest(eval_data)["tokenizer"]["fingerprint"] != m["tokenizer"][
