@@ -307,6 +307,17 @@ class _EncodingSpans:
     def __getitem__(self, i: int) -> int:
         return self.enc.token_to_chars(i)[self.part]
 
+    def first_ending_after(self, s: int) -> int:
+        """First index i with ``ends[i] > s`` (``self`` being the ``ends`` view), i.e. ``bisect_right(ends, s)``.
+        The token holding character ``s`` (``char_to_token``) is tried first and kept only when it satisfies the
+        definition (``ends[i] > s`` and ``ends[i-1] <= s``); otherwise bisection decides."""
+        i = self.enc.char_to_token(s)
+        if i is not None:
+            c = self.enc.token_to_chars(i)
+            if c[1] > s and (i == 0 or self.enc.token_to_chars(i - 1)[1] <= s):
+                return i
+        return bisect.bisect_right(self, s)
+
 
 def _first_at_or_after(starts, p: int, n: int) -> int:
     """First index i with ``starts[i] >= p`` (``n`` if none); one lookup when ``p`` is past the last token's start
@@ -326,25 +337,36 @@ def _label_tokens(ids: list[int], starts, ends, ranges, eos_at, tok: TextTokeniz
     at character ``p`` goes before the first token with ``starts[i] >= p``.
     """
     n = len(ids)
-    mask = bytearray(n)
+    first_ending_after = getattr(ends, "first_ending_after", None)
+    spans = []  # trainable token index intervals [lo, hi)
     for s, e in ranges:
-        lo, hi = bisect.bisect_right(ends, s), _first_at_or_after(starts, e, n)
+        lo = first_ending_after(s) if first_ending_after is not None else bisect.bisect_right(ends, s)
+        hi = _first_at_or_after(starts, e, n)
         if hi > lo:
-            mask[lo:hi] = b"\x01" * (hi - lo)
-    out_ids: list[int] = [tok.bos_id] if tok.bos_id is not None else []
-    out_mask = bytearray(len(out_ids))
-    prev = 0
-    for p, trained in eos_at:  # EOS insertion points are non-decreasing
-        w = _first_at_or_after(starts, p, n)
-        out_ids += ids[prev:w]
-        out_ids.append(tok.eos_id)
-        out_mask += mask[prev:w]
-        out_mask.append(1 if trained else 0)
+            spans.append((lo, hi))
+    head = 0 if tok.bos_id is None else 1
+    where = [_first_at_or_after(starts, p, n) for p, _ in eos_at]  # EOS insertion points, non-decreasing
+    ids = np.asarray(ids, dtype=np.int32)
+    out = np.empty(head + n + len(where), dtype=np.int32)
+    labels = np.full(len(out), IGNORE_INDEX, dtype=np.int32)
+    if head:
+        out[0] = tok.bos_id
+    prev, at = 0, head  # ids[prev:] goes to out[at:]
+    for k in range(len(where) + 1):
+        w = where[k] if k < len(where) else n
+        out[at:at + w - prev] = ids[prev:w]
+        for lo, hi in spans:  # the trainable ids of this piece
+            a, b = max(lo, prev), min(hi, w)
+            if b > a:
+                labels[at + a - prev:at + b - prev] = ids[a:b]
+        at += w - prev
+        if k < len(where):
+            out[at] = tok.eos_id
+            if eos_at[k][1]:
+                labels[at] = tok.eos_id
+            at += 1
         prev = w
-    out_ids += ids[prev:]
-    out_mask += mask[prev:]
-    arr = np.array(out_ids, dtype=np.int32)
-    return arr, np.where(np.frombuffer(out_mask, dtype=np.uint8).astype(bool), arr, np.int32(IGNORE_INDEX))
+    return out, labels
 
 
 def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
@@ -393,7 +415,7 @@ def fit_to_length(input_ids: np.ndarray, labels: np.ndarray, seq_len: int, overf
                 return None, None, "too_long"
             input_ids = np.concatenate([input_ids[:head], input_ids[head + cut:]])
             labels = np.concatenate([labels[:head], labels[head + cut:]])
-    if not np.any(labels != IGNORE_INDEX):
+    if (len(labels) == 0 or labels[-1] == IGNORE_INDEX) and not np.any(labels != IGNORE_INDEX):  # usual: EOS trained
         return None, None, "no_trainable_tokens"
     return input_ids, labels, None
 
