@@ -110,3 +110,23 @@ def test_special_token_text_in_records_is_refused(mistral_tokenizer):
         (r, reason, err), (r2, reason2, _) = render_batch([bad, good], tok, 256, template)
         assert r is None and reason == "special_token_text" and "'<s>'" in err.detail
         assert reason2 is None and list(r2[0]).count(tok.bos_id) == 1 and list(r2[0]).count(tok.eos_id) == 1
+
+
+def test_special_token_text_formed_where_messages_meet_is_refused(mistral_tokenizer):
+    """The completion template concatenates messages: a system message ending in "<" before a user message starting
+    with "/s>" (or an answer ending in "<" before the next user turn) renders "</s>", which would be encoded as a
+    second EOS (trained, in the second case). Such a record is refused although no single message holds "</s>";
+    the chat template, whose headers separate the messages, renders the same records with exactly one EOS per
+    answer."""
+    tok = mistral_tokenizer
+    system_user = Example("a", [Message("system", "note <"), Message("user", "/s> then"),
+                                Message("assistant", "ok")], "t")
+    answer_user = Example("b", [Message("user", "q"), Message("assistant", "ends with <"),
+                                Message("user", "/s>more"), Message("assistant", "ok")], "t")
+    for ex in (system_user, answer_user):
+        [(r, reason, err)] = render_batch([ex], tok, 256, "completion")
+        assert r is None and reason == "special_token_text"
+        assert "'</s>'" in err.detail and "where two messages" in err.detail
+        [(r, reason, _)] = render_batch([ex], tok, 256, "chat")
+        n_answers = sum(m.role == "assistant" for m in ex.messages)
+        assert reason is None and list(r[0]).count(tok.eos_id) == list(r[1]).count(tok.eos_id) == n_answers

@@ -44,6 +44,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -455,6 +456,31 @@ def check_no_special_text(example: Example, tok: TextTokenizer) -> None:
                               "which would be encoded as that control token; remove or escape it")
 
 
+def check_rendered_special_text(example: Example, segs: list[Segment], template: str, tok: TextTokenizer) -> None:
+    """Refuses an example whose rendered text (``completion``, ``alpaca`` or ``chat`` template) holds a special
+    token's text that the template did not write: one inside a message (:func:`check_no_special_text`), or one
+    formed where two pieces of text meet (a system message ending in ``"<"`` before a user message starting with
+    ``"/s>"`` renders ``"</s>"`` in the ``completion`` template, which concatenates messages). These templates write
+    special-token text only in ``chat`` role headers (when the tokenizer has them as added tokens), so the
+    rendered text must hold exactly the headers' matches. One regular-expression scan of the rendered text.
+
+    Raises:
+        RecordError: reason ``special_token_text``.
+    """
+    text = "".join(s.text for s in segs)
+    found = tok.special_text_matches(text) if template == "chat" else \
+        ([] if (hit := tok.find_special_text(text)) is None else [hit])
+    expected = [] if template != "chat" else \
+        [x for m in example.messages for x in tok.special_text_matches(CHAT_HEADERS[m.role])]
+    if found != expected:
+        check_no_special_text(example, tok)  # names the message when the text lies within one
+        extra = next(iter((Counter(found) - Counter(expected)).elements()), found[0] if found else "")
+        raise RecordError("special_token_text", example.id,
+                          f"the rendered text contains {extra!r}, the text of a special token of the tokenizer, "
+                          "formed where two messages (or a message and the template's text) meet; it would be "
+                          "encoded as that control token; change the text at that boundary")
+
+
 def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
                  overflow: str = "truncate_prompt_left", train_on: str = "all"):
     """:func:`render` for many examples with one batched tokenizer call.
@@ -470,8 +496,12 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
     todo, segs_list = [], []
     for i, ex in enumerate(examples):
         try:
-            check_no_special_text(ex, tok)
-            segs_list.append(segments(ex, template, tok, train_on))
+            if template == "tokenizer":  # the chat template writes its own text between messages
+                check_no_special_text(ex, tok)
+            segs = segments(ex, template, tok, train_on)
+            if template != "tokenizer":
+                check_rendered_special_text(ex, segs, template, tok)
+            segs_list.append(segs)
             todo.append(i)
         except RecordError as e:
             out[i] = (None, e.reason, e)

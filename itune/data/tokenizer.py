@@ -69,15 +69,22 @@ class TextTokenizer:
                                                key=lambda x: (-len(x), x)))
         return self._special_texts
 
-    def find_special_text(self, text: str) -> str | None:
-        """The first special-token text (:attr:`special_texts`) that occurs in ``text``, or None."""
+    def _special_pattern(self):
         if self._special_re is None:
             import re
 
             self._special_re = re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts \
                 else re.compile(r"(?!x)x")
-        m = self._special_re.search(text)
+        return self._special_re
+
+    def find_special_text(self, text: str) -> str | None:
+        """The first special-token text (:attr:`special_texts`) that occurs in ``text``, or None."""
+        m = self._special_pattern().search(text)
         return m.group(0) if m else None
+
+    def special_text_matches(self, text: str) -> list[str]:
+        """Every special-token text in ``text``, left to right, non-overlapping (longest first at a position)."""
+        return self._special_pattern().findall(text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
