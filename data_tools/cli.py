@@ -299,8 +299,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly
-        sys.stderr.close()
-        return 0
+        from itune.fileio import stdout_closed_by_reader
+
+        return stdout_closed_by_reader()
     except OSError as e:  # a path that cannot be written or read: name it
         print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""Atomic file writes (standard library only): a reader never sees a partial file."""
+"""Atomic file writes (standard library only): a reader never sees a partial file; and the command lines' exit
+when their reader closes standard output."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,3 +34,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
+
+
+def stdout_closed_by_reader() -> int:
+    """For a command line whose output was piped into a reader that stopped early (``itune-eval ... | head -4``),
+    after ``BrokenPipeError``: points standard output at ``/dev/null`` so that the interpreter's final flush does
+    not fail again (a traceback, exit status 120), and returns 0: the reader has all the output it asked for.
+    The idiom of the Python documentation (``signal`` module, "Note on SIGPIPE")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0

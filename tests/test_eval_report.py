@@ -251,3 +251,26 @@ def test_compare_results_escapes_labels_and_checks_values():
     assert table.splitlines()[2] == "| k | 1.0000 | 2.0000 | +1.0000 |"
     with pytest.raises(DataFormatError, match="run2 'k' = None is not a finite number"):
         compare_results({"k": 1.0}, {"k": None}, "run1", "run2")
+
+
+def test_compare_cli_stops_quietly_when_its_reader_closes_the_pipe(tmp_path):
+    """``itune-eval --compare A B | head -4`` (as in the demo script, under ``set -o pipefail``): when the reader
+    has gone, the command exits 0 without a traceback instead of failing with BrokenPipeError."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    paths = []
+    for name, v in (("a", 1.0), ("b", 2.0)):
+        p = tmp_path / name / "results.json"
+        p.parent.mkdir()
+        report.write_results(p, {f"rougeL_for_task{i:05d}_default_track": v for i in range(3000)})
+        paths.append(str(p))
+    exe = shutil.which("itune-eval", path=str(Path(sys.executable).parent)) or "itune-eval"
+    full = subprocess.run([exe, "--compare", *paths], capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0 and len(full.stdout) > 200_000  # more than any pipe buffer holds
+    proc = subprocess.Popen([exe, "--compare", *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""

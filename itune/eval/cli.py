@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        from itune.fileio import stdout_closed_by_reader
+
+        return stdout_closed_by_reader()
 
 
 def _run(a, p) -> int:
