@@ -60,11 +60,14 @@ class DataConfig:
         path: directory holding ``manifest.json`` and the shards.
         train_split: split trained on.
         eval_split: held-out split (loss during training, generation after).
+        verify_checksums: re-hash the shards of both splits against the manifest before training (spread over
+            the ranks); a changed or missing shard stops the run with its name.
     """
 
     path: str = ""
     train_split: str = "train"
     eval_split: str = "test"
+    verify_checksums: bool = True
 
 
 @dataclass
@@ -246,31 +249,58 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
+def _number(v):
+    """``v`` when it is a real number (not a bool), else None (a wrong type is reported by the schema check)."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+#: (key, lowest allowed, whether the lowest is excluded, highest allowed or None): finite numbers in range.
+_RANGES = (
+    ("train.micro_batch_size", 1, False, None), ("train.gradient_accumulation_steps", 1, False, None),
+    ("train.epochs", 1, False, None), ("train.max_steps", 1, False, None), ("train.seed", 0, False, None),
+    ("train.log_every", 1, False, None), ("train.eval_every", 0, False, None),
+    ("train.peak_flops_per_s", 0, False, None), ("train.collective_timeout_s", 1, False, None),
+    ("train.generate_every", 0, False, None), ("train.generate_max_instances", 1, False, None),
+    ("train.generate_max_new_tokens", 1, False, None), ("train.skip_nonfinite_steps", 0, False, None),
+    ("optim.lr", 0, True, None), ("optim.min_lr_ratio", 0, False, 1), ("optim.warmup_steps", 0, False, None),
+    ("optim.weight_decay", 0, False, None), ("optim.eps", 0, True, None), ("optim.grad_clip", 0, False, None),
+    ("model.pad_vocab_size_to_multiple_of", 1, False, None),
+    ("checkpoint.every_steps", 0, False, None), ("checkpoint.keep_last", 1, False, None),
+)
+#: architecture sizes that must be whole numbers >= 1 when given
+_ARCH_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "vocab_size")
+
+
 def validate(cfg: RunConfig) -> list[str]:
-    """Returns every problem with value ranges and combinations (empty when valid)."""
+    """Returns every problem with value ranges and combinations (empty when valid). Values of a wrong type are
+    skipped here: the schema check (:func:`load_config`) reports them."""
     e = []
     if not cfg.data.path:
         e.append("data.path: required (a directory prepared by `itune-data prepare`)")
-    for name in ("micro_batch_size", "gradient_accumulation_steps", "epochs", "log_every"):
-        if isinstance(getattr(cfg.train, name), int) and getattr(cfg.train, name) < 1:
-            e.append(f"train.{name}: must be >= 1, got {getattr(cfg.train, name)}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        e.append(f"train.max_steps: must be >= 1 or null, got {cfg.train.max_steps}")
+    for key, lo, lo_open, hi in _RANGES:
+        section, name = key.split(".")
+        v = _number(getattr(getattr(cfg, section), name))
+        if v is None:
+            continue
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            e.append(f"{key}: must be {rng}" + ("" if math.isfinite(v) else " and finite") + f", got {v}")
+    betas = cfg.optim.betas
+    if isinstance(betas, list) and (len(betas) != 2 or any(_number(b) is None or not 0 <= b < 1 for b in betas)):
+        e.append(f"optim.betas: must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas}")
+    if isinstance(cfg.model.architecture, dict):
+        for name in _ARCH_SIZES:
+            v = cfg.model.architecture.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                e.append(f"model.architecture.{name}: must be a whole number >= 1, got {v!r}")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         e.append(f"optim.schedule: {cfg.optim.schedule!r} is not one of cosine, linear, constant")
-    if isinstance(cfg.optim.lr, float) and cfg.optim.lr <= 0:
-        e.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         e.append(f"model.dtype: {cfg.model.dtype!r} is not one of auto, bf16, fp32")
     if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
         e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not sdpa, eager or "
                  "flash_attention_2")
-    if isinstance(cfg.train.skip_nonfinite_steps, int) and cfg.train.skip_nonfinite_steps < 0:
-        e.append(f"train.skip_nonfinite_steps: must be >= 0, got {cfg.train.skip_nonfinite_steps}")
-    if isinstance(cfg.model.pad_vocab_size_to_multiple_of, int) and cfg.model.pad_vocab_size_to_multiple_of < 1:
-        e.append(f"model.pad_vocab_size_to_multiple_of: must be >= 1, got {cfg.model.pad_vocab_size_to_multiple_of}")
-    if cfg.checkpoint.keep_last < 1:
-        e.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     return e
 
 

@@ -106,6 +106,30 @@ def tokenizer_extends(base: Path, ext: Path) -> bool:
     return b == e and all(e_vocab.get(k) == i for k, i in b_vocab.items())
 
 
+def verify_checksums(cfg: RunConfig, manifest: dict, rank: int, world: int) -> None:
+    """Re-hashes the shards of the training and held-out splits (sha256, as ``itune-data verify``) against the
+    manifest before training: shard ``i`` on rank ``i % world``, the findings shared by every rank.
+
+    Raises:
+        ManifestError: on every rank, naming each missing or changed shard.
+    """
+    files = [sh for split in (cfg.data.train_split, cfg.data.eval_split) if split in manifest["splits"]
+             for sh in manifest["splits"][split].get("shards", [])]
+    mine = []
+    for sh in files[rank::world]:
+        p = Path(cfg.data.path) / sh["file"]
+        if not p.is_file():
+            mine.append(f"{p}: missing")
+        elif shards.sha256_file(p) != sh["sha256"]:
+            mine.append(f"{p}: checksum differs from the manifest (the file changed after preparation)")
+    found: list = [None] * world
+    tdist.all_gather_object(found, mine)
+    problems = [x for part in found for x in part]
+    if problems:
+        raise ManifestError(f"{cfg.data.path}: damaged data:\n  - " + "\n  - ".join(problems)
+                            + "\nPrepare the data again (`itune-data verify DIR` re-checks it)")
+
+
 def check_data(cfg: RunConfig, manifest: dict) -> Path:
     """Refuses a run whose data was prepared with another tokenizer, or trains on a held-out task.
 
@@ -235,18 +259,63 @@ class Setup:
     skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
 
 
+#: Settings a resumed run may change: how it runs, not what it trains (model.* and optim.* are all fixed but
+#: these, and so are train.seed and data.train_split; the batch and step count have their own checks).
+RESUME_FREE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation")
+
+
+def resume_config_changes(old: dict, new: dict) -> list[str]:
+    """The run-defining settings (``model``, ``optim``, ``train.seed``, ``data.train_split``) that differ between
+    a checkpoint's saved config ``old`` and ``new`` (both :func:`~itune.config.to_dict` trees), one line each.
+    Keys the checkpoint does not have (settings added in a later version) are not compared."""
+    out: list[str] = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                if k in b:
+                    walk(a[k], b[k], f"{where}.{k}")
+        elif a != b:
+            out.append(f"{where}: checkpoint {a!r}, this config {b!r}")
+
+    for section in ("model", "optim"):
+        o = {k: v for k, v in old.get(section, {}).items() if k not in RESUME_FREE_MODEL_KEYS or section != "model"}
+        walk(o, new[section], section)
+    for section, key in (("train", "seed"), ("data", "train_split")):
+        if key in old.get(section, {}):
+            walk(old[section][key], new[section][key], f"{section}.{key}")
+    return out
+
+
 def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | None:
     """Reads the trainer state of ``latest`` (before the engine exists: a world-size change needs the engine
     configured for DeepSpeed's universal checkpoint).
 
     Raises:
         ConfigError: the checkpoint used another global batch (rows per optimizer step) or another schedule
-            length, so the same global position cannot be continued.
+            length, so the same global position cannot be continued; the config changes a run-defining setting
+            (:func:`resume_config_changes`); ``latest`` names a missing, incomplete or damaged checkpoint.
     """
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
     if tag is None:
         return None
-    state = json.loads((ckpt_dir / tag / "itune_state.json").read_text())
+    state_file = ckpt_dir / tag / "itune_state.json"
+    others = sorted(p.name for p in ckpt_dir.glob("global_step*") if (p / "itune_state.json").is_file())
+    fix = (f"point {ckpt_dir / 'latest'} at a complete checkpoint ({', '.join(others)}: write its name into the "
+           "file) or use another output_dir" if others else "use another output_dir to start afresh")
+    try:
+        state = json.loads(state_file.read_text())
+        state["config"]["train"]["micro_batch_size"]  # noqa: B018  (the keys every resume reads)
+    except FileNotFoundError:
+        raise ConfigError(f"{ckpt_dir / 'latest'} names {tag!r}, but {state_file} does not exist (a missing or "
+                          f"incomplete checkpoint); {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{state_file}: damaged ({type(e).__name__}: {e}); {fix}") from None
+    changed = resume_config_changes(state["config"], to_dict(cfg))
+    if changed:
+        raise ConfigError(f"{ckpt_dir / tag}: this config changes what the run trains, which a resume cannot "
+                          "continue:\n  - " + "\n  - ".join(changed) + "\nResume with the values the checkpoint "
+                          "was trained with, or use another output_dir to start a new run")
     old = state["config"]["train"]
     old_rows = old["micro_batch_size"] * old["gradient_accumulation_steps"] * state["world_size"]
     if old_rows != plan.global_rows_per_step:
@@ -279,9 +348,18 @@ def preflight(cfg: RunConfig) -> None:
     problems = check_model_config(cfg)
     if not Path(cfg.ds_config).is_file():
         problems.append(f"ds_config: {cfg.ds_config} not found (see ds_configs/)")
+    out = Path(cfg.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                problems.append(f"output_dir: {parent} exists and is not a directory")
+            break
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
     manifest = shards.read_manifest(cfg.data.path)
+    if cfg.data.train_split not in manifest["splits"]:
+        raise ManifestError(f"{cfg.data.path}: no split {cfg.data.train_split!r} for data.train_split (have "
+                            f"{sorted(manifest['splits'])})")
     vocab = manifest["tokenizer"]["vocab_size"]
     try:
         embedding_rows(model_config(cfg, vocab).vocab_size, vocab, cfg.model)
@@ -313,6 +391,8 @@ def setup(cfg: RunConfig) -> Setup:
     # data: verified manifest, memory-mapped rows
     manifest = shards.read_manifest(cfg.data.path)
     tokenizer_dir = check_data(cfg, manifest)
+    if cfg.data.verify_checksums:
+        verify_checksums(cfg, manifest, rank, world)
     seq_len, pad_id = manifest["seq_len"], manifest["tokenizer"]["pad_id"]
     train_rows = PackedRows(shards.open_split(cfg.data.path, cfg.data.train_split), seq_len, pad_id)
     if len(train_rows) == 0:
@@ -501,7 +581,12 @@ def _resume(s: Setup) -> int:
     tag = st["tag"]
     if st["world_size"] != s.world:
         tag = checkpoint.to_universal(s.ckpt_dir, tag, s.rank)
-    checkpoint.load(s.engine, s.ckpt_dir, tag)
+    try:
+        checkpoint.load(s.engine, s.ckpt_dir, tag)
+    except Exception as e:  # a truncated or damaged file: name it and the way out
+        raise ConfigError(f"{s.ckpt_dir / tag}: cannot be loaded ({type(e).__name__}: {str(e)[:300]}); point "
+                          f"{s.ckpt_dir / 'latest'} at an earlier global_stepN directory or use another "
+                          "output_dir") from e
     s.skipped_at[:] = st.get("skipped_at", [])
     s.log.print(f"resumed from {s.ckpt_dir / tag} at optimizer step {st['global_step']} (epoch {st['epoch']}, "
                 f"step in epoch {st['step_in_epoch']}; saved with {st['world_size']} ranks, now {s.world})")

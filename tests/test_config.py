@@ -90,3 +90,31 @@ def test_flash_attention_needs_cuda_and_the_package():
     cfg = load_config("configs/superni_tiny.yaml", ["model.attn_implementation=flash_attention_2"])
     assert check_model_config(cfg) == ["model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn "
                                        "package; use sdpa (the default) here"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+    ("checkpoint.keep_last=x", "checkpoint.keep_last: expected int, got 'x'"),
+    ("checkpoint.keep_last=null", "checkpoint.keep_last: expected int, got None"),
+    ("model.architecture.hidden_size=-64", "model.architecture.hidden_size: must be a whole number >= 1, got -64"),
+    ("optim.betas=[2,-1]", "optim.betas: must be two numbers in [0, 1), e.g. [0.9, 0.95], got [2, -1]"),
+    ("optim.betas=[0.9]", "optim.betas: must be two numbers in [0, 1)"),
+    ("optim.weight_decay=-1", "optim.weight_decay: must be >= 0, got -1"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps: must be >= 0, got -3"),
+    ("optim.min_lr_ratio=5", "optim.min_lr_ratio: must be >= 0 and <= 1, got 5"),
+    ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0, got -1"),
+    ("optim.lr=.nan", "optim.lr: must be > 0 and finite, got nan"),
+    ("optim.lr=.inf", "optim.lr: must be > 0 and finite, got inf"),
+    ("optim.eps=0", "optim.eps: must be > 0, got 0"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be >= 0, got -1"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s: must be >= 1, got 0"),
+    ("train.eval_every=-2", "train.eval_every: must be >= 0, got -2"),
+    ("train.generate_every=-1", "train.generate_every: must be >= 0, got -1"),
+    ("train.generate_max_instances=-1", "train.generate_max_instances: must be >= 1, got -1"),
+])
+def test_wrong_types_and_out_of_range_values_are_named(override, message):
+    """A wrong type never reaches the range checks (no TypeError), and every value outside its range is refused
+    before any process group starts, instead of failing inside DeepSpeed/torch or running with a wrong schedule."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.path=x", override])
+    assert message in str(e.value)

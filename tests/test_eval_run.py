@@ -44,3 +44,23 @@ def test_generation_batched_equals_unbatched_and_sampling_is_seeded():
     s1 = generate_all(model, prompts, eos_id=2, pad_id=2, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
     s2 = generate_all(model, prompts, eos_id=2, pad_id=2, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
     assert s1 == s2 and s1 != one
+
+
+def test_out_of_range_generation_options_are_refused_together_before_loading(superni_data, tmp_path, capsys):
+    from itune.eval.cli import main
+
+    rc = main(["--data", str(superni_data(512)), "--model", str(tmp_path / "no-model"), "--split", "nope",
+               "--batch-size", "0", "--max-new-tokens", "-5", "--max-instances", "0", "--sample",
+               "--temperature", "0", "--ngram-threshold", "2"])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        "error: invalid evaluation options:\n"
+        "  - --batch-size: must be >= 1, got 0\n"
+        "  - --max-new-tokens: must be >= 1, got -5\n"
+        "  - --max-instances: must be >= 1, got 0\n"
+        "  - --temperature: must be > 0 with --sample, got 0.0\n"
+        "  - --ngram-threshold: a fraction in [0, 1], got 2.0\n"
+        f"  - --split 'nope': {superni_data(512)} has splits ['test', 'train']\n")
+    rc = main(["--data", str(superni_data(512)), "--model", str(tmp_path / "no-model"), "--min-new-tokens", "50",
+               "--max-new-tokens", "4"])
+    assert rc == 2 and "--min-new-tokens 50 exceeds --max-new-tokens 4" in capsys.readouterr().err

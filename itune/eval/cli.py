@@ -50,6 +50,34 @@ def main(argv=None) -> int:
         return stdout_closed_by_reader()
 
 
+def check_generation_args(a) -> None:
+    """Refuses out-of-range generation options and a split the data does not have, all at once, before any model
+    is loaded.
+
+    Raises:
+        ConfigError: listing every problem; ManifestError: ``--data`` is not prepared data.
+    """
+    from itune.data import shards
+    from itune.errors import ConfigError
+
+    problems = []
+    for flag, value, lowest in (("--batch-size", a.batch_size, 1), ("--max-new-tokens", a.max_new_tokens, 1),
+                                ("--min-new-tokens", a.min_new_tokens, 0), ("--max-instances", a.max_instances, 1)):
+        if value is not None and value < lowest:
+            problems.append(f"{flag}: must be >= {lowest}, got {value}")
+    if a.min_new_tokens > a.max_new_tokens >= 1:
+        problems.append(f"--min-new-tokens {a.min_new_tokens} exceeds --max-new-tokens {a.max_new_tokens}")
+    if a.sample and not (a.temperature > 0 and a.temperature != float("inf")):
+        problems.append(f"--temperature: must be > 0 with --sample, got {a.temperature}")
+    if not 0 <= a.ngram_threshold <= 1:
+        problems.append(f"--ngram-threshold: a fraction in [0, 1], got {a.ngram_threshold}")
+    splits = shards.read_manifest(a.data)["splits"]
+    if a.split not in splits:
+        problems.append(f"--split {a.split!r}: {a.data} has splits {sorted(splits)}")
+    if problems:
+        raise ConfigError("invalid evaluation options:\n  - " + "\n  - ".join(problems))
+
+
 def _run(a, p) -> int:
     from pathlib import Path
 
@@ -77,6 +105,7 @@ def _run(a, p) -> int:
         return 0
     if not a.data or not (a.model or a.run_dir):
         p.error("--data and one of --model / --run-dir are required (or --compare / --score)")
+    check_generation_args(a)
     from itune.eval.run import engine_from_run, evaluate, model_from_export
 
     if a.model:
