@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from itune.fileio import atomic_write_text
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 
@@ -36,10 +38,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int, rank: i
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"itune": state, "rng": rng}, save_latest=False)
     tdist.barrier()
     if rank == 0:
-        (Path(ckpt_dir) / tag / "itune_state.json").write_text(json.dumps(state, indent=2))
-        tmp = Path(ckpt_dir) / ".latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, Path(ckpt_dir) / "latest")
+        atomic_write_text(Path(ckpt_dir) / tag / "itune_state.json", json.dumps(state, indent=2))
+        atomic_write_text(Path(ckpt_dir) / "latest", tag)  # last: latest names only complete checkpoints
         steps = sorted(int(m.group(1)) for p in Path(ckpt_dir).iterdir()
                        if p.is_dir() and (m := re.fullmatch(r"global_step(\d+)", p.name)))
         for old in steps[:-keep_last]:

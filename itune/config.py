@@ -245,7 +245,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     cfg = _build(RunConfig, tree, "", errors)
     errors.extend(validate(cfg))
     if errors:
-        raise ConfigError("invalid run config" + (f" {path}" if path else "") + ":\n  - " + "\n  - ".join(errors))
+        where = " + ".join(([str(path)] if path else []) + (["overrides"] if overrides else []))
+        raise ConfigError("invalid run config" + (f" ({where})" if where else "") + ":\n  - " + "\n  - ".join(errors))
     return cfg
 
 
