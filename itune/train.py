@@ -115,19 +115,20 @@ def verify_checksums(cfg: RunConfig, manifest: dict, rank: int, world: int) -> N
     """
     files = [sh for split in (cfg.data.train_split, cfg.data.eval_split) if split in manifest["splits"]
              for sh in manifest["splits"][split].get("shards", [])]
-    mine = []
-    for sh in files[rank::world]:
-        p = Path(cfg.data.path) / sh["file"]
-        if not p.is_file():
-            mine.append(f"{p}: missing")
-        elif shards.sha256_file(p) != sh["sha256"]:
-            mine.append(f"{p}: checksum differs from the manifest (the file changed after preparation)")
+    mine = [x for sh in files[rank::world] if (x := shards.check_shard_file(cfg.data.path, sh)) is not None]
     found: list = [None] * world
     tdist.all_gather_object(found, mine)
     problems = [x for part in found for x in part]
     if problems:
         raise ManifestError(f"{cfg.data.path}: damaged data:\n  - " + "\n  - ".join(problems)
                             + "\nPrepare the data again (`itune-data verify DIR` re-checks it)")
+
+
+def check_train_split(cfg: RunConfig, manifest: dict) -> None:
+    """Raises ManifestError when the data has no split ``data.train_split``."""
+    if cfg.data.train_split not in manifest["splits"]:
+        raise ManifestError(f"{cfg.data.path}: no split {cfg.data.train_split!r} for data.train_split (have "
+                            f"{sorted(manifest['splits'])})")
 
 
 def check_data(cfg: RunConfig, manifest: dict) -> Path:
@@ -142,8 +143,7 @@ def check_data(cfg: RunConfig, manifest: dict) -> Path:
     Raises:
         ManifestError: no training split, another tokenizer, or held-out tasks in the training split.
     """
-    if cfg.data.train_split not in manifest["splits"]:
-        raise ManifestError(f"{cfg.data.path}: no split {cfg.data.train_split!r} (have {sorted(manifest['splits'])})")
+    check_train_split(cfg, manifest)
     tok = manifest["tokenizer"]
     tokenizer_dir = Path(tok["path"])
     if cfg.model.pretrained:
@@ -357,9 +357,7 @@ def preflight(cfg: RunConfig) -> None:
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
     manifest = shards.read_manifest(cfg.data.path)
-    if cfg.data.train_split not in manifest["splits"]:
-        raise ManifestError(f"{cfg.data.path}: no split {cfg.data.train_split!r} for data.train_split (have "
-                            f"{sorted(manifest['splits'])})")
+    check_train_split(cfg, manifest)
     vocab = manifest["tokenizer"]["vocab_size"]
     try:
         embedding_rows(model_config(cfg, vocab).vocab_size, vocab, cfg.model)

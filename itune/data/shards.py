@@ -130,6 +130,17 @@ def open_split(data_dir: str | Path, split: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def check_shard_file(data_dir: str | Path, shard: dict) -> str | None:
+    """The problem with one shard file of a manifest entry ``{"file", "sha256", ...}`` (missing, or its sha256
+    differs from the manifest's), or None when it is intact."""
+    p = Path(data_dir) / shard["file"]
+    if not p.is_file():
+        return f"{p}: missing"
+    if sha256_file(p) != shard["sha256"]:
+        return f"{p}: checksum differs from the manifest (the file changed after preparation)"
+    return None
+
+
 def verify(data_dir: str | Path) -> list[str]:
     """Re-checks every shard against the manifest: checksum, schema, row counts, row length, token counts.
 
@@ -141,13 +152,7 @@ def verify(data_dir: str | Path) -> list[str]:
     problems = []
     seq_len = m["seq_len"]
     for split, info in m["splits"].items():
-        for sh in info["shards"]:
-            p = data_dir / sh["file"]
-            if not p.is_file():
-                problems.append(f"{p}: missing")
-                continue
-            if sha256_file(p) != sh["sha256"]:
-                problems.append(f"{p}: checksum differs from manifest")
+        problems += [x for sh in info["shards"] if (x := check_shard_file(data_dir, sh)) is not None]
         try:
             t = open_split(data_dir, split)
         except (ManifestError, OSError, pa.ArrowException) as e:

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from itune.comm import init_distributed
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
 from itune.eval import report
 from itune.eval.generate import generate_all
 from itune.eval.metrics import score_superni
-from itune.comm import init_distributed
 from itune.errors import ConfigError, ManifestError
 
 
