@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+
 import numpy as np
 import pytest
 
 from itune.data.render import (IGNORE_INDEX, Segment, render, render_batch, segments, tokenize_segments,
                                tokenize_segments_batch)
 from itune.data.sources import Example, Message, read_source, read_split_file, read_superni_task, superni_task_path
-from tests.conftest import SHARED, SUPERNI
+from itune.data.tokenizer import TextTokenizer, train_sentencepiece
+from tests.conftest import MISTRAL, SHARED, SUPERNI
 
 
 def reference_tokenize(segs: list[Segment], tok) -> tuple[list[int], list[int]]:
@@ -130,3 +135,124 @@ def test_special_token_text_formed_where_messages_meet_is_refused(mistral_tokeni
         [(r, reason, _)] = render_batch([ex], tok, 256, "chat")
         n_answers = sum(m.role == "assistant" for m in ex.messages)
         assert reason is None and list(r[0]).count(tok.eos_id) == list(r[1]).count(tok.eos_id) == n_answers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offsets computed from ids (TextTokenizer.piece_offsets): the labels of the fast path depend on them
+# ---------------------------------------------------------------------------------------------------------------
+
+def _random_strings(n: int, seed: int = 0) -> list[str]:
+    rnd = random.Random(seed)
+    alphabet = list(" \t\n\r ab1é😀中\u0301\u200b▁<>/s_-.") + ["  ", "\n\n", "ﬁ", "\u00a0"]
+    return ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 14))) for _ in range(n)]
+
+
+def _corpus_texts(tok) -> list[str]:
+    """Rendered texts of the real examples in every template, plus their prompts and answers alone."""
+    texts = []
+    for ex, templates in _real_examples():
+        for template in templates:
+            texts.append("".join(s.text for s in segments(ex, template, tok)))
+        texts += [m.content for m in ex.messages]
+    return texts
+
+
+def _variant(tmp_path, name: str, edit) -> "TextTokenizer":
+    """The mistral tokenizer directory with its tokenizer.json edited by ``edit(dict)``."""
+    d = tmp_path / name
+    shutil.copytree(MISTRAL, d)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    edit(spec)
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    return TextTokenizer.load(d)
+
+
+def _assert_piece_offsets_exact(tok, texts):
+    encs = tok.encode_batch(texts)
+    flat = np.asarray([i for e in encs for i in e.ids], dtype=np.int64)
+    starts, ends, ok = tok.piece_offsets(flat, [len(e) for e in encs], [len(t) for t in texts])
+    added = set(tok._tok.get_added_tokens_decoder())
+    pos = 0
+    for text, e, good in zip(texts, encs, ok.tolist()):
+        n = len(e)
+        assert good == (not added.intersection(e.ids)), text  # only an added token makes ids insufficient
+        if good:
+            got = list(zip(starts[pos:pos + n].tolist(), ends[pos:pos + n].tolist()))
+            assert got == [tuple(o) for o in e.offsets], text
+        pos += n
+    assert ids_equal(tok, texts)
+    return int(ok.sum())
+
+
+def ids_equal(tok, texts) -> bool:
+    return tok.encode_batch_ids(texts) == [e.ids for e in tok.encode_batch(texts)]
+
+
+def test_offsets_from_ids_equal_the_tokenizers_offsets(mistral_tokenizer, tmp_path):
+    """Offsets computed from ids alone equal the tokenizer's own offsets on every real text and on random strings
+    (multi-byte characters through byte fallback, combining marks, leading spaces, "▁" itself), for the mistral
+    tokenizer and for the other SentencePiece-style layouts this path accepts (legacy Prepend + Replace
+    normalizer, prepend_scheme always / never)."""
+    texts = _corpus_texts(mistral_tokenizer) + _random_strings(20_000) + ["", " ", "▁", " a", "▁a", "😀", " 😀x"]
+    # all but the tokenizer template's texts ([INST] ...) and random strings holding "</s>" or "<s>"
+    assert _assert_piece_offsets_exact(mistral_tokenizer, texts) >= len(texts) - 500
+
+    def legacy(spec):
+        spec["pre_tokenizer"] = None
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+
+    def scheme(value):
+        return lambda spec: spec["pre_tokenizer"].update(prepend_scheme=value)
+
+    for name, edit in (("legacy", legacy), ("always", scheme("always")), ("never", scheme("never"))):
+        tok = _variant(tmp_path, name, edit)
+        assert tok.has_piece_offsets, name
+        _assert_piece_offsets_exact(tok, texts[-3000:])
+
+
+def test_tokenizers_whose_offsets_do_not_follow_from_ids_keep_the_offsets_path(mistral_tokenizer, tmp_path):
+    """A Unigram tokenizer (itune-data train-tokenizer: consecutive unknown characters share one byte-fallback
+    span) and a byte-level BPE are not handled by piece_offsets; their labels come from the tokenizer's offsets
+    and equal the reference."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    lines = [m.content for ex, _ in _real_examples()[:300] for m in ex.messages]
+    uni = TextTokenizer.load(train_sentencepiece(lines, tmp_path / "uni", vocab_size=400))
+    bl = Tokenizer(models.BPE())
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+    bl.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"]))
+    (tmp_path / "bl").mkdir()
+    bl.save(str(tmp_path / "bl" / "tokenizer.json"))
+    (tmp_path / "bl" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    for tok in (uni, TextTokenizer.load(tmp_path / "bl")):
+        assert not tok.has_piece_offsets
+        exs = [Example("e", [Message("user", "Q: ünï <|x|> 😀 " + t[:40]), Message("assistant", t[-30:] or "x")], "t")
+               for t in lines[:50]]
+        segs = [segments(ex, "completion", tok) for ex in exs]
+        for s, (ids, labels) in zip(segs, tokenize_segments_batch(segs, tok)):
+            assert (ids.tolist(), labels.tolist()) == reference_tokenize(s, tok)
+
+
+def test_an_added_token_in_the_text_falls_back_to_offsets_for_that_example(mistral_tokenizer, tmp_path, monkeypatch):
+    """A non-special added token (here "<|x|>") is not refused as special text, and its id alone cannot be placed
+    in the text: that example is encoded again with offsets, the others keep the fast path, and every label equals
+    the reference."""
+    def add(spec):
+        spec["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": "<|x|>", "single_word": False,
+                                     "lstrip": False, "rstrip": False, "normalized": False, "special": False})
+    tok = _variant(tmp_path, "added", add)
+    assert tok.has_piece_offsets and tok._tok.token_to_id("<|x|>") == 32768
+    calls = []
+    encode_batch = type(tok).encode_batch
+    monkeypatch.setattr(type(tok), "encode_batch", lambda self, texts, *a: calls.append(len(texts)) or
+                        encode_batch(self, texts, *a))
+    exs = [Example(f"e{i}", [Message("user", f"q {i}" + (" <|x|> y" if i % 3 == 0 else "")),
+                             Message("assistant", f"a <|x|> {i}" if i == 4 else f"a {i}")], "t") for i in range(9)]
+    segs = [segments(ex, "completion", tok) for ex in exs]
+    out = tokenize_segments_batch(segs, tok)
+    assert calls == [4]  # examples 0, 3, 6 (prompt) and 4 (answer)
+    for s, (ids, labels) in zip(segs, out):
+        assert (ids.tolist(), labels.tolist()) == reference_tokenize(s, tok)
+    assert 32768 in out[4][1].tolist() and 32768 not in out[3][1].tolist()  # trained only inside the answer

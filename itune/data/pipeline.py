@@ -18,7 +18,7 @@ Why it is exact and bounded:
   of slices once merged.
 - A slice keeps tokens on disk. At most ``2 * num_proc`` chunks are in flight. The merge holds per-example
   metadata (about 40 bytes per example: length, trainable tokens, offsets, ids as Arrow) and one batch of
-  ``WRITE_BATCH_ROWS`` rows; tokens are read back with ``pread``. Peak memory does not grow with the size of
+  ``WRITE_BATCH_ROWS`` rows; tokens are read back with ``preadv``. Peak memory does not grow with the size of
   the text, only with the number of examples, at that small rate.
 """
 
@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from itune import __version__
 from itune.data import pack, shards
 from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS, IGNORE_INDEX, \
-    render_batch, render_prompt
+    render_flat, render_prompt
 from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, decode_jsonl_line, is_json_array,
                                 iter_jsonl_lines, iter_records, parse_record, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
@@ -229,9 +229,11 @@ def process_chunk(job) -> dict:
             continue
         examples.append(ex)
         locs.append(loc)
-    rendered = render_batch(examples, tok, plan.seq_len, spec.template, plan.overflow, plan.train_on)
-    ids, labels, tasks, eids = [], [], [], []
-    for ex, loc, (r, reason, err) in zip(examples, locs, rendered):
+    flat_ids, flat_labels, lengths, status = render_flat(examples, tok, plan.seq_len, spec.template, plan.overflow,
+                                                         plan.train_on)
+    tasks, eids = [], []
+    for ex, loc, st in zip(examples, locs, status):
+        reason, err = st if st is not None else (None, None)
         if err is not None:  # the template cannot render this record: a bad record, like a reader error
             if plan.on_error == "raise":
                 res["error"] = (f"{loc}: {err.detail} (template {spec.template!r}; pass --on-error skip to count "
@@ -247,19 +249,13 @@ def process_chunk(job) -> dict:
         if reason is not None:
             reject(loc, ex, reason)
             continue
-        ids.append(r[0])
-        labels.append(r[1])
         tasks.append(ex.task)
         eids.append(ex.id)
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    if ids:
-        flat_ids, flat_labels = np.concatenate(ids), np.concatenate(labels)
-        trained = flat_labels != IGNORE_INDEX
-        tokens = pack_tokens(flat_ids, trained)
-        ends = np.cumsum(lengths, dtype=np.int64)
-        trainable = np.diff(np.concatenate([[0], np.cumsum(trained, dtype=np.int64)[ends - 1]])).astype(np.int32)
-    else:
-        tokens, trainable = np.zeros(0, np.uint32), np.zeros(0, np.int32)
+    lengths = lengths.astype(np.int32)
+    trained = flat_labels != IGNORE_INDEX
+    tokens = pack_tokens(flat_ids, trained)
+    trainable = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=trained,
+                            minlength=len(lengths)).astype(np.int32)
     res.update(tokens=tokens, lengths=lengths, trainable=trainable, tasks=tasks, example_ids=eids)
     return res
 
@@ -446,21 +442,39 @@ def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Gene
 
 
 class _TokenReader:
-    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` (``pread``;
-    nothing mapped, so memory stays bounded). At most ``max_open`` slices have an open file at a time (a job array
-    may have thousands of slices)."""
+    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` with ``preadv``
+    straight into the output array (nothing mapped, so memory stays bounded). At most ``max_open`` slices have an
+    open file at a time (a job array may have thousands of slices)."""
 
     def __init__(self, dirs: list[Path], max_open: int = 128):
         self.dirs, self.max_open, self.fds = dirs, max_open, {}
 
-    def read(self, sl: int, offset: int, length: int) -> np.ndarray:
-        """uint32 ``[length]`` stored tokens from token ``offset`` of slice ``sl``."""
+    def _fd(self, sl: int) -> int:
         fd = self.fds.get(sl)
         if fd is None:
             if len(self.fds) >= self.max_open:
                 self.close()
             fd = self.fds[sl] = os.open(self.dirs[sl] / "tokens.bin", os.O_RDONLY)
-        return np.frombuffer(os.pread(fd, 4 * length, 4 * offset), dtype=np.uint32)
+        return fd
+
+    def gather(self, slices: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """uint32 ``[sum(lengths)]``: the stored tokens of examples ``k`` (``lengths[k]`` tokens from token
+        ``offsets[k]`` of slice ``slices[k]``), concatenated in the given order (one ``preadv`` per example)."""
+        lengths = [int(n) for n in lengths]
+        out = np.empty(sum(lengths), dtype=np.uint32)
+        view = memoryview(out).cast("B")
+        pos = 0
+        for sl, off, n in zip(np.asarray(slices).tolist(), np.asarray(offsets).tolist(), lengths):
+            got = os.preadv(self._fd(sl), [view[pos:pos + 4 * n]], 4 * off)
+            if got != 4 * n:
+                raise ManifestError(f"{self.dirs[sl] / 'tokens.bin'}: {4 * n - got} bytes short at token {off}; "
+                                    "prepare this slice again")
+            pos += 4 * n
+        return out
+
+    def read(self, sl: int, offset: int, length: int) -> np.ndarray:
+        """uint32 ``[length]`` stored tokens from token ``offset`` of slice ``sl``."""
+        return self.gather([sl], [offset], [length])
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -481,7 +495,8 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     Args:
         sel: indices into ``meta`` of the examples to write (repeats allowed), in their global order.
         meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task``, ``id`` (lists).
-        reader: ``read(slice, offset, length) -> uint32 [length]`` stored tokens (:func:`pack_tokens`).
+        reader: a :class:`_TokenReader` of the slices: ``gather(slices, offsets, lengths)`` -> the examples' stored
+            tokens (:func:`pack_tokens`) concatenated.
 
     Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.
     Rows are built ``WRITE_BATCH_ROWS`` at a time; shards hold at most ``max_rows_per_shard`` rows.
@@ -507,9 +522,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
                 g = ex[np.fromiter((i for row in batch_rows for i in row), dtype=np.int64)]  # examples, row order
                 per_row = np.fromiter(map(len, batch_rows), dtype=np.int64, count=r)
                 lens = meta["length"][g].astype(np.int64)
-                stored = np.concatenate([reader.read(int(meta["slice"][x]), int(meta["offset"][x]), int(n))
-                                         for x, n in zip(g.tolist(), lens.tolist())]) if len(g) else \
-                    np.zeros(0, np.uint32)
+                stored = reader.gather(meta["slice"][g], meta["offset"][g], lens)
                 # destination of every token: row * seq_len + (start of its example in the row) + (index in it)
                 row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)
                 ex_end = np.cumsum(lens)

@@ -42,6 +42,7 @@ EOS / end-of-turn token; system and user turns and role headers never are.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 from collections import Counter
@@ -386,10 +387,108 @@ def tokenize_segments(segs: list[Segment], tok: TextTokenizer) -> Rendered:
 def tokenize_segments_batch(segs_list: list[list[Segment]], tok: TextTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`tokenize_segments` for many examples with one batched tokenizer call; returns int32 arrays
     ``(input_ids [tokens], labels [tokens])`` per example (equal to :func:`tokenize_segments`'s lists)."""
-    layouts = [_layout(segs) for segs in segs_list]
+    ids, labels, lengths = tokenize_segments_flat(segs_list, tok)
+    cuts = np.cumsum(lengths)[:-1]
+    return list(zip(np.split(ids, cuts), np.split(labels, cuts))) if len(segs_list) else []
+
+
+def _layouts_with_offsets(layouts: list, tok: TextTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layout, BOS + ids with EOS inserted and labels (:func:`_label_tokens`), from ``Encoding`` offsets."""
     encs = tok.encode_batch([t for t, _, _ in layouts])
     return [_label_tokens(enc.ids, _EncodingSpans(enc, 0), _EncodingSpans(enc, 1), ranges, eos_at, tok)
             for enc, (_, ranges, eos_at) in zip(encs, layouts)]
+
+
+def tokenize_segments_flat(segs_list: list[list[Segment]], tok: TextTokenizer, from_ids: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tokenize_segments` for many examples, concatenated.
+
+    With ``from_ids`` and a tokenizer whose offsets follow from its ids (:meth:`TextTokenizer.piece_offsets`), the
+    texts are encoded without offsets and labelled for the whole batch at once by :func:`_label_flat`; an example
+    the ids cannot place (an added token in its text) is encoded again with offsets. Otherwise every example is
+    labelled from its ``Encoding`` offsets (:func:`_label_tokens`). Both give the same ids and labels.
+
+    Returns:
+        ``(input_ids int32 [tokens], labels int32 [tokens], lengths int64 [examples])``: the examples' arrays
+        concatenated, and each one's length.
+    """
+    layouts = [_layout(segs) for segs in segs_list]
+    if not layouts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    if not (from_ids and tok.has_piece_offsets):
+        parts = _layouts_with_offsets(layouts, tok)
+        return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]),
+                np.fromiter((len(a) for a, _ in parts), dtype=np.int64, count=len(parts)))
+    id_lists = tok.encode_batch_ids([t for t, _, _ in layouts])
+    counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(counts.sum()))
+    text_lengths = np.fromiter((len(t) for t, _, _ in layouts), dtype=np.int64, count=len(layouts))
+    starts, ends, ok = tok.piece_offsets(flat, counts, text_lengths)
+    ids, labels, lengths = _label_flat(flat, counts, starts, ends, layouts, tok)
+    if ok.all():
+        return ids, labels, lengths
+    # examples with an added token: labelled again from their Encoding offsets, then put back in order
+    redo = np.flatnonzero(~ok)
+    cuts = np.cumsum(lengths)[:-1]
+    out_ids, out_labels = np.split(ids, cuts), np.split(labels, cuts)
+    for i, (a, b) in zip(redo.tolist(), _layouts_with_offsets([layouts[i] for i in redo], tok)):
+        out_ids[i], out_labels[i], lengths[i] = a, b, len(a)
+    return np.concatenate(out_ids), np.concatenate(out_labels), lengths
+
+
+def _label_flat(ids: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, layouts: list,
+                tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_label_tokens` for K encodings at once, with array operations over all their tokens.
+
+    Args:
+        ids, starts, ends: int64 ``[tokens]``, the encodings' ids and character offsets concatenated.
+        counts: int64 ``[K]``, tokens per encoding. layouts: per encoding ``(text, ranges, eos_at)`` (:func:`_layout`).
+
+    Same rule as :func:`_label_tokens`: token i is trained when ``ends[i] > s and starts[i] < e`` for a trainable
+    range ``[s, e)`` of its encoding, i.e. the index interval [first i with ``ends[i] > s``, first i with
+    ``starts[i] >= e``); an EOS closing a segment that ends at character ``p`` goes before the first token with
+    ``starts[i] >= p``. The searches run over keys ``encoding * 2**40 + offset``, which are non-decreasing over
+    the whole batch, so one ``searchsorted`` places every range and EOS of every encoding.
+
+    Returns:
+        ``(input_ids int32 [out tokens], labels int32 [out tokens], lengths int64 [K])``: per encoding BOS + ids
+        with EOS ids inserted, concatenated.
+    """
+    k = len(counts)
+    n = len(ids)
+    head = 0 if tok.bos_id is None else 1
+    enc = np.repeat(np.arange(k, dtype=np.int64), counts)
+    big = np.int64(1 << 40)
+    key_starts, key_ends = enc * big + starts, enc * big + ends
+    r_enc = np.fromiter((i for i, (_, rg, _) in enumerate(layouts) for _ in rg), dtype=np.int64)
+    r_s = np.fromiter((a for _, rg, _ in layouts for a, _ in rg), dtype=np.int64, count=len(r_enc))
+    r_e = np.fromiter((b for _, rg, _ in layouts for _, b in rg), dtype=np.int64, count=len(r_enc))
+    lo = np.searchsorted(key_ends, r_enc * big + r_s, side="right")
+    hi = np.searchsorted(key_starts, r_enc * big + r_e, side="left")
+    mark = np.zeros(n + 1, dtype=np.int64)
+    keep = hi > lo
+    np.add.at(mark, lo[keep], 1)
+    np.add.at(mark, hi[keep], -1)
+    trained = np.cumsum(mark[:n]) > 0
+    e_enc = np.fromiter((i for i, (_, _, ea) in enumerate(layouts) for _ in ea), dtype=np.int64)
+    e_p = np.fromiter((p for _, _, ea in layouts for p, _ in ea), dtype=np.int64, count=len(e_enc))
+    e_tr = np.fromiter((t for _, _, ea in layouts for _, t in ea), dtype=bool, count=len(e_enc))
+    where = np.searchsorted(key_starts, e_enc * big + e_p, side="left")  # non-decreasing over the batch
+    n_eos = np.bincount(e_enc, minlength=k)
+    # output position of every token, EOS and BOS: BOS of encodings up to its own, EOS placed before it
+    pos_tok = np.arange(n, dtype=np.int64) + head * (enc + 1) + np.searchsorted(where, np.arange(n), side="right")
+    pos_eos = where + head * (e_enc + 1) + np.arange(len(where), dtype=np.int64)
+    first = np.cumsum(counts) - counts
+    lengths = counts + head + n_eos
+    out = np.empty(int(lengths.sum()), dtype=np.int32)
+    labels = np.full(len(out), IGNORE_INDEX, dtype=np.int32)
+    out[pos_tok] = ids
+    labels[pos_tok] = np.where(trained, ids, IGNORE_INDEX)
+    out[pos_eos] = tok.eos_id
+    labels[pos_eos] = np.where(e_tr, tok.eos_id, IGNORE_INDEX)
+    if head:
+        out[first + np.arange(k) + np.cumsum(n_eos) - n_eos] = tok.bos_id
+    return out, labels, lengths
 
 
 def fit_to_length(input_ids: np.ndarray, labels: np.ndarray, seq_len: int, overflow: str, head: int):
@@ -490,9 +589,24 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
         ``(None, reason, None)`` for ``too_long`` / ``no_trainable_tokens``, or ``(None, reason, error)`` with the
         :class:`~itune.data.sources.RecordError` of an example the template cannot render (a bad record).
     """
+    ids, labels, lengths, status = render_flat(examples, tok, seq_len, template, overflow, train_on)
+    cuts = np.cumsum(lengths)[:-1]
+    kept = iter(zip(np.split(ids, cuts), np.split(labels, cuts)) if len(lengths) else ())
+    return [(next(kept), None, None) if st is None else (None, st[0], st[1]) for st in status]
+
+
+def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
+                overflow: str = "truncate_prompt_left", train_on: str = "all"):
+    """:func:`render_batch` with the written examples' arrays concatenated (what data preparation stores).
+
+    Returns:
+        ``(input_ids int32 [tokens], labels int32 [tokens], lengths int64 [written examples], status)``; ``status``
+        has one entry per example: None when written (in order: the k-th None is ``lengths[k]``), else
+        ``(reason, error)`` as in :func:`render_batch`.
+    """
     if overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"unknown overflow policy {overflow!r}; choose one of {OVERFLOW_POLICIES}")
-    out: list = [None] * len(examples)
+    status: list = [None] * len(examples)
     todo, segs_list = [], []
     for i, ex in enumerate(examples):
         try:
@@ -504,12 +618,40 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
             segs_list.append(segs)
             todo.append(i)
         except RecordError as e:
-            out[i] = (None, e.reason, e)
+            status[i] = (e.reason, e)
+    # the tokenizer template's text holds its control tokens, which ids alone cannot place (offsets needed)
+    from_ids = template != "tokenizer" and not (template == "chat" and any(
+        tok.find_special_text(h) for h in CHAT_HEADERS.values()))
+    ids, labels, lengths = tokenize_segments_flat(segs_list, tok, from_ids)
     head = 1 if tok.bos_id is not None else 0
-    for i, (ids, labels) in zip(todo, tokenize_segments_batch(segs_list, tok)):
-        ids, labels, reason = fit_to_length(ids, labels, seq_len, overflow, head)
-        out[i] = ((ids, labels), None, None) if reason is None else (None, reason, None)
-    return out
+    enc = np.repeat(np.arange(len(lengths)), lengths)
+    trainable = np.bincount(enc, weights=labels != IGNORE_INDEX, minlength=len(lengths))
+    over = lengths > seq_len
+    keep = (trainable > 0) & ~over
+    for j in np.flatnonzero(~keep).tolist():
+        status[todo[j]] = ("no_trainable_tokens", None)
+    if over.any():  # the over-long policy, one example at a time (rare)
+        ends = np.cumsum(lengths)
+        parts_ids, parts_labels, new_lengths = [], [], []
+        for j, i in enumerate(todo):
+            a, b = ids[ends[j] - lengths[j]:ends[j]], labels[ends[j] - lengths[j]:ends[j]]
+            if over[j]:
+                a, b, reason = fit_to_length(a, b, seq_len, overflow, head)
+                status[i] = None if reason is None else (reason, None)
+            elif not keep[j]:
+                continue
+            if a is not None:
+                parts_ids.append(a)
+                parts_labels.append(b)
+                new_lengths.append(len(a))
+        if not parts_ids:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64), status
+        return (np.concatenate(parts_ids), np.concatenate(parts_labels), np.asarray(new_lengths, np.int64),
+                status)
+    if not keep.all():
+        ids, labels = ids[keep[enc]], labels[keep[enc]]
+        lengths = lengths[keep]
+    return ids, labels, lengths, status
 
 
 def render_prompt(example: Example, tok: TextTokenizer, template: str = "completion") -> list[int]:
