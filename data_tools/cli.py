@@ -87,7 +87,11 @@ def _print_slice(m: dict, out) -> int:
 def _merge(a) -> int:
     from itune.data.pipeline import merge_slices
 
-    m = merge_slices(Path(a.out), keep_slices=a.keep_slices)
+    if a.num_proc < 1:
+        from itune.errors import ConfigError
+
+        raise ConfigError(f"--num-proc {a.num_proc}: must be >= 1")
+    m = merge_slices(Path(a.out), keep_slices=a.keep_slices, num_proc=a.num_proc)
     return _print_sources(m, a.out) if m["source"].get("kind") == "files" else _print_splits(m, a.out)
 
 
@@ -242,7 +246,8 @@ def main(argv=None) -> int:
     q.add_argument("--max-per-task", type=int, default=None,
                    help="cap on training examples per task (examples-proportional mixing with a cap)")
     q.add_argument("--num-proc", type=int, default=1,
-                   help="worker processes that parse, render and tokenize (output identical for any value)")
+                   help="worker processes that parse, render and tokenize, and that write the shards (output "
+                   "identical for any value)")
     q.add_argument("--shard-index", type=int, default=None,
                    help="prepare only this slice of the inputs (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
     q.add_argument("--num-shards", type=int, default=None,
@@ -266,6 +271,8 @@ def main(argv=None) -> int:
     q = sub.add_parser("merge", help="combine the slices of a job-array preparation into shards + one manifest")
     q.add_argument("out", help="the --out directory every slice was prepared into")
     q.add_argument("--keep-slices", action="store_true")
+    q.add_argument("--num-proc", type=int, default=1,
+                   help="processes that write the shards (output identical for any value)")
     q.set_defaults(fn=_merge)
     q = sub.add_parser("synthetic-suite", help="write the embedded default task suite (SuperNI format)")
     q.add_argument("--out", required=True)

@@ -70,6 +70,22 @@ def test_output_identical_for_any_num_proc(tmp_path, single, bad_file):
     assert verify(out) == []
 
 
+def test_shards_written_by_several_processes_equal_one_process(tmp_path, bad_file):
+    """The merge writes shards in num_proc processes (shard s by process s % num_proc): the files are the same as
+    one process writes, and the rows are spread evenly (no shard over max_rows_per_shard)."""
+    outs = {}
+    for n in (1, 3):
+        outs[n] = tmp_path / f"np{n}"
+        prepare_sources(_opts(outs[n], [SHAREGPT_DUMMY, bad_file], num_proc=n, max_rows_per_shard=17))
+    a, b = _files(outs[1]), _files(outs[3])
+    assert a == b
+    shards_ = read_manifest(outs[3])["splits"]["train"]["shards"]
+    rows = [s["rows"] for s in shards_]
+    assert len(rows) == -(-sum(rows) // 17) >= 4 and max(rows) <= 17 and max(rows) - min(rows) <= 1
+    assert [s["file"] for s in shards_] == [f"train-{i:05d}-of-{len(rows):05d}.arrow" for i in range(len(rows))]
+    assert verify(outs[3]) == []
+
+
 def test_slices_merged_equal_single_process(tmp_path, single, bad_file):
     out = tmp_path / "sliced"
     for i in (2, 0, 1):  # array tasks finish in any order
@@ -319,3 +335,24 @@ def test_example_mixture_file_is_valid():
     assert cap == 1000 and [e["weight"] for e in entries] == [0.5, 2]
     assert all(e["path"].is_file() for e in entries)
     assert path.read_text().splitlines()[0].startswith("# itune-data prepare --mixture configs/mixture_example.yaml")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("cap", [None, 0, 1, 4, 7, 100])
+def test_jsonl_blocks_cut_records_not_lines_and_keep_line_numbers(tmp_path, size, cap):
+    """The reading process hands workers blocks of raw lines: each block holds `size` records (non-blank lines),
+    blank lines keep their numbers, and a cap counts records, exactly as reading line by line would."""
+    import itertools
+
+    from itune.data.pipeline import _jsonl_blocks
+    from itune.data.sources import iter_jsonl_lines
+
+    f = tmp_path / "blanks.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf{\"a\": 1}\n\n  \n{\"a\": 2}\n{\"a\": 3}\n\t\n{\"a\": 4}\n{\"a\": 5}\n{\"a\": 6}\n\n"
+                  b"{\"a\": 7}\n   ")
+    want = list(itertools.islice(((loc, (raw, first), "raw") for loc, raw, first in iter_jsonl_lines(f)), cap))
+    blocks = list(_jsonl_blocks(f, size, cap))
+    got = [item for b in blocks for item in b.items()]
+    assert got == want and len(want) == min(7, 100 if cap is None else cap)
+    assert [len(b.items()) for b in blocks] == [min(size, len(want) - i) for i in range(0, len(want), size)]
+    assert [loc.rsplit(":", 1)[1] for loc, _, _ in got] == ["1", "4", "5", "7", "8", "9", "11"][:len(got)]

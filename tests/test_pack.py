@@ -42,3 +42,30 @@ def test_every_example_placed_once_and_rows_fit(lengths, seq_len):
     # best fit never leaves two rows that could be merged into one
     loads = sorted(sum(lengths[i] for i in r) for r in rows)
     assert len(loads) < 2 or loads[0] + loads[1] > seq_len
+
+
+def _reference_bfd(lengths, seq_len):
+    """The definition, plainly: examples by length decreasing (then index); each goes to the open row with the
+    least space that fits it (the oldest row among equals), else to a new row."""
+    rows, space = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if space[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: (space[r], r))
+            rows[r].append(i)
+            space[r] -= lengths[i]
+        else:
+            rows.append([i])
+            space.append(seq_len - lengths[i])
+    return rows
+
+
+def test_best_fit_decreasing_equals_the_plain_definition_on_random_lengths():
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(300):
+        seq_len = rnd.choice([8, 16, 64, 2048])
+        lengths = [rnd.randint(1, seq_len) if rnd.random() < 0.5 else rnd.choice([1, 3, seq_len // 2, seq_len])
+                   for _ in range(rnd.randint(0, 150))]
+        assert best_fit_decreasing(lengths, seq_len) == _reference_bfd(lengths, seq_len)

@@ -256,3 +256,22 @@ def test_an_added_token_in_the_text_falls_back_to_offsets_for_that_example(mistr
     for s, (ids, labels) in zip(segs, out):
         assert (ids.tolist(), labels.tolist()) == reference_tokenize(s, tok)
     assert 32768 in out[4][1].tolist() and 32768 not in out[3][1].tolist()  # trained only inside the answer
+
+
+def test_special_text_regex_finds_what_a_longest_first_alternation_finds(mistral_tokenizer):
+    """The trie-shaped regex of the special texts gives the same matches as the plain alternation (longest text
+    first), on texts made of the special texts' own characters, the texts themselves, and their prefixes."""
+    import re
+
+    from itune.data.tokenizer import literal_union_regex
+
+    specials = list(mistral_tokenizer.special_texts) + ["ab", "abc", "abcd", "b"]
+    plain = re.compile("|".join(map(re.escape, sorted(specials, key=lambda x: (-len(x), x)))))
+    trie = literal_union_regex(specials)
+    rnd = random.Random(1)
+    chars = sorted(set("".join(specials))) + [" ", "x"]
+    texts = ["".join(rnd.choice(chars) for _ in range(rnd.randint(1, 40))) for _ in range(20_000)]
+    texts += specials + [s[:-1] for s in specials] + ["z" + s + s[:-1] + s for s in specials]
+    assert sum(bool(plain.findall(t)) for t in texts) > 2000
+    for t in texts:
+        assert trie.findall(t) == plain.findall(t), t

@@ -14,6 +14,7 @@ Worked example (seq_len 8, lengths [5, 4, 3, 2])::
 from __future__ import annotations
 
 import bisect
+import heapq
 
 import numpy as np
 
@@ -40,13 +41,20 @@ def best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     order = np.lexsort((np.arange(len(lens)), -lens)).tolist()  # length decreasing, then index
     lengths = lens.tolist()
     rows: list[list[int]] = []
-    # open rows sorted by (remaining space, row index)
-    free: list[tuple[int, int]] = []
+    # open rows by remaining space: a min-heap of row indices per space, and the sorted list of spaces that have
+    # open rows; the best fit is the smallest space >= n, and among its rows the oldest
+    by_space: dict[int, list[int]] = {}
+    spaces: list[int] = []
     for i in order:
         n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, row = free.pop(k)
+        k = bisect.bisect_left(spaces, n)
+        if k < len(spaces):
+            space = spaces[k]
+            heap = by_space[space]
+            row = heapq.heappop(heap)
+            if not heap:
+                del by_space[space]
+                del spaces[k]
             rows[row].append(i)
             space -= n
         else:
@@ -54,7 +62,12 @@ def best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
             rows.append([i])
             space = seq_len - n
         if space > 0:
-            bisect.insort(free, (space, row))
+            heap = by_space.get(space)
+            if heap is None:
+                by_space[space] = [row]
+                bisect.insort(spaces, space)
+            else:
+                heapq.heappush(heap, row)
     return rows
 
 

@@ -80,7 +80,7 @@ def _run(plan, opts, shard_index: int, num_shards: int, t0: float) -> dict:
     summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
     if num_shards > 1:
         return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0)
+    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0, num_proc=opts.num_proc)
 
 
 def check_superni_dir(root: Path) -> None:
@@ -186,7 +186,8 @@ class SourcesOptions:
         max_per_task: cap on training examples per task (a seeded random subset of a larger task), applied before
             the source weights: examples-proportional mixing with a cap (T5, Raffel et al. 2020, sec. 3.5.2;
             FLAN). None = no cap.
-        num_proc: worker processes that parse, render and tokenize (the output is identical for any value).
+        num_proc: worker processes that parse, render and tokenize, and processes that write the shards (the
+            output is identical for any value).
         shard_index / num_shards: prepare only slice ``shard_index`` of ``num_shards`` (a Slurm job array task);
             None = from ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``, else one slice.
         keep_slices: keep ``out_dir/slices`` (tokenized examples) after the merge.

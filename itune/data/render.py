@@ -47,6 +47,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,9 +79,8 @@ CHAT_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|
 _MARK_START, _MARK_END = "\ue000", "\ue001"
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A piece of the rendered text.
+class Segment(NamedTuple):
+    """A piece of the rendered text (an immutable tuple: many are made per example).
 
     Attributes:
         text: the characters.
@@ -412,7 +412,11 @@ def tokenize_segments_flat(segs_list: list[list[Segment]], tok: TextTokenizer, f
         ``(input_ids int32 [tokens], labels int32 [tokens], lengths int64 [examples])``: the examples' arrays
         concatenated, and each one's length.
     """
-    layouts = [_layout(segs) for segs in segs_list]
+    return _tokenize_layouts([_layout(segs) for segs in segs_list], tok, from_ids)
+
+
+def _tokenize_layouts(layouts: list, tok: TextTokenizer, from_ids: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tokenize_segments_flat` from the examples' :func:`_layout`."""
     if not layouts:
         return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
     if not (from_ids and tok.has_piece_offsets):
@@ -423,8 +427,9 @@ def tokenize_segments_flat(segs_list: list[list[Segment]], tok: TextTokenizer, f
     counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(counts.sum()))
     text_lengths = np.fromiter((len(t) for t, _, _ in layouts), dtype=np.int64, count=len(layouts))
-    starts, ends, ok = tok.piece_offsets(flat, counts, text_lengths)
-    ids, labels, lengths = _label_flat(flat, counts, starts, ends, layouts, tok)
+    base = np.cumsum(text_lengths + 1) - (text_lengths + 1)  # each text's place in their concatenation
+    starts, ends, ok = tok.piece_offsets(flat, counts, text_lengths, base)
+    ids, labels, lengths = _label_flat(flat, counts, starts, ends, base, layouts, tok)
     if ok.all():
         return ids, labels, lengths
     # examples with an added token: labelled again from their Encoding offsets, then put back in order
@@ -436,19 +441,22 @@ def tokenize_segments_flat(segs_list: list[list[Segment]], tok: TextTokenizer, f
     return np.concatenate(out_ids), np.concatenate(out_labels), lengths
 
 
-def _label_flat(ids: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, layouts: list,
-                tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _label_flat(ids: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: np.ndarray,
+                layouts: list, tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_label_tokens` for K encodings at once, with array operations over all their tokens.
 
     Args:
-        ids, starts, ends: int64 ``[tokens]``, the encodings' ids and character offsets concatenated.
-        counts: int64 ``[K]``, tokens per encoding. layouts: per encoding ``(text, ranges, eos_at)`` (:func:`_layout`).
+        ids: int64 ``[tokens]``, the encodings' ids concatenated. counts: int64 ``[K]``, tokens per encoding.
+        starts, ends: int64 ``[tokens]``, character offsets plus ``base`` of their encoding, where ``base[k]`` is
+            the position of text k in the concatenation of all texts each followed by one separator character (so
+            the offsets of all encodings are non-decreasing together, and those of different encodings never meet).
+        layouts: per encoding ``(text, ranges, eos_at)`` (:func:`_layout`).
 
     Same rule as :func:`_label_tokens`: token i is trained when ``ends[i] > s and starts[i] < e`` for a trainable
     range ``[s, e)`` of its encoding, i.e. the index interval [first i with ``ends[i] > s``, first i with
     ``starts[i] >= e``); an EOS closing a segment that ends at character ``p`` goes before the first token with
-    ``starts[i] >= p``. The searches run over keys ``encoding * 2**40 + offset``, which are non-decreasing over
-    the whole batch, so one ``searchsorted`` places every range and EOS of every encoding.
+    ``starts[i] >= p``. With every position shifted by its text's ``base``, one ``searchsorted`` over all tokens
+    places every range and EOS of every encoding.
 
     Returns:
         ``(input_ids int32 [out tokens], labels int32 [out tokens], lengths int64 [K])``: per encoding BOS + ids
@@ -457,35 +465,32 @@ def _label_flat(ids: np.ndarray, counts: np.ndarray, starts: np.ndarray, ends: n
     k = len(counts)
     n = len(ids)
     head = 0 if tok.bos_id is None else 1
-    enc = np.repeat(np.arange(k, dtype=np.int64), counts)
-    big = np.int64(1 << 40)
-    key_starts, key_ends = enc * big + starts, enc * big + ends
     r_enc = np.fromiter((i for i, (_, rg, _) in enumerate(layouts) for _ in rg), dtype=np.int64)
     r_s = np.fromiter((a for _, rg, _ in layouts for a, _ in rg), dtype=np.int64, count=len(r_enc))
     r_e = np.fromiter((b for _, rg, _ in layouts for _, b in rg), dtype=np.int64, count=len(r_enc))
-    lo = np.searchsorted(key_ends, r_enc * big + r_s, side="right")
-    hi = np.searchsorted(key_starts, r_enc * big + r_e, side="left")
-    mark = np.zeros(n + 1, dtype=np.int64)
+    lo = np.searchsorted(ends, base[r_enc] + r_s, side="right")
+    hi = np.searchsorted(starts, base[r_enc] + r_e, side="left")
     keep = hi > lo
-    np.add.at(mark, lo[keep], 1)
-    np.add.at(mark, hi[keep], -1)
-    trained = np.cumsum(mark[:n]) > 0
+    trained = np.cumsum(np.bincount(lo[keep], minlength=n + 1) - np.bincount(hi[keep], minlength=n + 1))[:n] > 0
     e_enc = np.fromiter((i for i, (_, _, ea) in enumerate(layouts) for _ in ea), dtype=np.int64)
     e_p = np.fromiter((p for _, _, ea in layouts for p, _ in ea), dtype=np.int64, count=len(e_enc))
     e_tr = np.fromiter((t for _, _, ea in layouts for _, t in ea), dtype=bool, count=len(e_enc))
-    where = np.searchsorted(key_starts, e_enc * big + e_p, side="left")  # non-decreasing over the batch
+    where = np.searchsorted(starts, base[e_enc] + e_p, side="left")  # non-decreasing over the batch
     n_eos = np.bincount(e_enc, minlength=k)
-    # output position of every token, EOS and BOS: BOS of encodings up to its own, EOS placed before it
-    pos_tok = np.arange(n, dtype=np.int64) + head * (enc + 1) + np.searchsorted(where, np.arange(n), side="right")
-    pos_eos = where + head * (e_enc + 1) + np.arange(len(where), dtype=np.int64)
     first = np.cumsum(counts) - counts
+    # output position of token i: i + the BOS and EOS ids inserted at or before it
+    inserted = np.bincount(where, minlength=n + 1)[:n]
+    if head:
+        inserted += np.bincount(first, minlength=n + 1)[:n]
+    pos_tok = np.arange(n, dtype=np.int64) + np.cumsum(inserted)
+    pos_eos = where + head * (e_enc + 1) + np.arange(len(where), dtype=np.int64)
     lengths = counts + head + n_eos
     out = np.empty(int(lengths.sum()), dtype=np.int32)
     labels = np.full(len(out), IGNORE_INDEX, dtype=np.int32)
     out[pos_tok] = ids
-    labels[pos_tok] = np.where(trained, ids, IGNORE_INDEX)
+    labels[pos_tok[trained]] = ids[trained]
     out[pos_eos] = tok.eos_id
-    labels[pos_eos] = np.where(e_tr, tok.eos_id, IGNORE_INDEX)
+    labels[pos_eos[e_tr]] = tok.eos_id
     if head:
         out[first + np.arange(k) + np.cumsum(n_eos) - n_eos] = tok.bos_id
     return out, labels, lengths
@@ -555,7 +560,8 @@ def check_no_special_text(example: Example, tok: TextTokenizer) -> None:
                               "which would be encoded as that control token; remove or escape it")
 
 
-def check_rendered_special_text(example: Example, segs: list[Segment], template: str, tok: TextTokenizer) -> None:
+def check_rendered_special_text(example: Example, segs: list[Segment], template: str, tok: TextTokenizer,
+                                text: str | None = None) -> None:
     """Refuses an example whose rendered text (``completion``, ``alpaca`` or ``chat`` template) holds a special
     token's text that the template did not write: one inside a message (:func:`check_no_special_text`), or one
     formed where two pieces of text meet (a system message ending in ``"<"`` before a user message starting with
@@ -563,10 +569,13 @@ def check_rendered_special_text(example: Example, segs: list[Segment], template:
     special-token text only in ``chat`` role headers (when the tokenizer has them as added tokens), so the
     rendered text must hold exactly the headers' matches. One regular-expression scan of the rendered text.
 
+    ``text``: the segments' text joined, when the caller has it.
+
     Raises:
         RecordError: reason ``special_token_text``.
     """
-    text = "".join(s.text for s in segs)
+    if text is None:
+        text = "".join(s.text for s in segs)
     found = tok.special_text_matches(text) if template == "chat" else \
         ([] if (hit := tok.find_special_text(text)) is None else [hit])
     expected = [] if template != "chat" else \
@@ -606,23 +615,25 @@ def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, templ
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"unknown overflow policy {overflow!r}; choose one of {OVERFLOW_POLICIES}")
+    _check(template, train_on)
     status: list = [None] * len(examples)
-    todo, segs_list = [], []
+    todo, layouts = [], []
     for i, ex in enumerate(examples):
         try:
             if template == "tokenizer":  # the chat template writes its own text between messages
                 check_no_special_text(ex, tok)
             segs = segments(ex, template, tok, train_on)
+            lay = _layout(segs)
             if template != "tokenizer":
-                check_rendered_special_text(ex, segs, template, tok)
-            segs_list.append(segs)
+                check_rendered_special_text(ex, segs, template, tok, lay[0])
+            layouts.append(lay)
             todo.append(i)
         except RecordError as e:
             status[i] = (e.reason, e)
     # the tokenizer template's text holds its control tokens, which ids alone cannot place (offsets needed)
     from_ids = template != "tokenizer" and not (template == "chat" and any(
         tok.find_special_text(h) for h in CHAT_HEADERS.values()))
-    ids, labels, lengths = tokenize_segments_flat(segs_list, tok, from_ids)
+    ids, labels, lengths = _tokenize_layouts(layouts, tok, from_ids)
     head = 1 if tok.bos_id is not None else 0
     enc = np.repeat(np.arange(len(lengths)), lengths)
     trainable = np.bincount(enc, weights=labels != IGNORE_INDEX, minlength=len(lengths))

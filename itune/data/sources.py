@@ -12,15 +12,15 @@ import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from itune.errors import DataFormatError
 
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True)
-class Message:
-    """One turn. ``role`` is one of ``system``, ``user``, ``assistant``."""
+class Message(NamedTuple):
+    """One turn (an immutable tuple). ``role`` is one of ``system``, ``user``, ``assistant``."""
 
     role: str
     content: str
@@ -294,6 +294,8 @@ def detect_format(record: dict, path: str | Path, fields: dict[str, str] | None 
 
 
 def _encodable(s: str) -> bool:
+    if s.isascii():
+        return True
     try:
         s.encode("utf-8")
         return True

@@ -82,21 +82,26 @@ class TextTokenizer:
         return self._special_texts
 
     def _special_pattern(self):
+        """``(regex of the special texts, their first characters)``: a text holding none of those characters (a
+        substring test, much faster than the regex) holds no special text."""
         if self._special_re is None:
-            import re
-
-            self._special_re = re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts \
-                else re.compile(r"(?!x)x")
+            texts = self.special_texts
+            self._special_re = (literal_union_regex(texts) if texts else re.compile(r"(?!x)x"),
+                                tuple(sorted({t[0] for t in texts})))
         return self._special_re
 
     def find_special_text(self, text: str) -> str | None:
         """The first special-token text (:attr:`special_texts`) that occurs in ``text``, or None."""
-        m = self._special_pattern().search(text)
+        pattern, firsts = self._special_pattern()
+        if not any(c in text for c in firsts):
+            return None
+        m = pattern.search(text)
         return m.group(0) if m else None
 
     def special_text_matches(self, text: str) -> list[str]:
         """Every special-token text in ``text``, left to right, non-overlapping (longest first at a position)."""
-        return self._special_pattern().findall(text)
+        pattern, firsts = self._special_pattern()
+        return pattern.findall(text) if any(c in text for c in firsts) else []
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
@@ -186,7 +191,8 @@ class TextTokenizer:
             self._piece_tables = _piece_tables(self) or False
         return self._piece_tables is not False
 
-    def piece_offsets(self, ids: np.ndarray, counts: np.ndarray, text_lengths: np.ndarray):
+    def piece_offsets(self, ids: np.ndarray, counts: np.ndarray, text_lengths: np.ndarray,
+                      base: np.ndarray | None = None):
         """Character offsets of the tokens of several encodings, computed from their ids alone.
 
         For a SentencePiece-style BPE tokenizer (``Metaspace`` pre-tokenizer without splitting, or the legacy
@@ -203,10 +209,12 @@ class TextTokenizer:
             ids: int ``[tokens]``, the encodings' ids concatenated (:meth:`encode_batch_ids`).
             counts: int ``[encodings]``, tokens per encoding.
             text_lengths: int ``[encodings]``, characters of each encoded text.
+            base: int ``[encodings]`` added to the offsets of each encoding (default 0), e.g. the texts' positions
+                in their concatenation.
 
         Returns:
             ``(starts int64 [tokens], ends int64 [tokens], ok bool [encodings])``: where ``ok``, equal to the
-            ``Encoding.offsets`` of :meth:`encode_batch` (tests/test_render_batch.py compares them on every real
+            ``Encoding.offsets`` of :meth:`encode_batch` (plus ``base``) (tests/test_render_batch.py compares them on every real
             example and on random strings).
 
         Raises:
@@ -219,17 +227,25 @@ class TextTokenizer:
         counts = np.asarray(counts, dtype=np.int64)
         k = len(counts)
         c = chars[ids]
-        enc = np.repeat(np.arange(k), counts)
-        bad = np.bincount(enc, weights=c < 0, minlength=k) > 0
-        cum = np.concatenate([[0], np.cumsum(np.maximum(c, 0))])
+        neg = c < 0
+        bad = np.zeros(k, dtype=bool)
+        if neg.any():  # an added token or <unk>: this encoding's offsets are not computed here
+            bad[np.repeat(np.arange(k), counts)[neg]] = True
+            c = np.where(neg, 0, c)
+        cum = np.empty(len(c) + 1, dtype=np.int64)
+        cum[0] = 0
+        np.cumsum(c, out=cum[1:])
         first = np.cumsum(counts) - counts
         before = cum[first]
         shift = cum[first + counts] - before - np.asarray(text_lengths, dtype=np.int64)
         ok = ~bad & ((shift == 0) | (shift == 1))
-        ends = cum[1:] - before[enc] - shift[enc]
+        base = np.zeros(k, dtype=np.int64) if base is None else np.asarray(base, dtype=np.int64)
+        ends = cum[1:] - np.repeat(before + shift - base, counts)
         head = first[(counts > 0) & (shift == 1)]
-        ends[head] = np.maximum(ends[head], 1)  # a prepended "\u2581" alone is aligned with the first character
-        starts = np.maximum(ends - width[ids], 0)
+        ends[head] = np.maximum(ends[head], base[(counts > 0) & (shift == 1)] + 1)  # a prepended "\u2581"
+        starts = ends - width[ids]  # alone is aligned with the first character
+        nz = first[counts > 0]  # only a first token can start before its text (the prepended "\u2581")
+        starts[nz] = np.maximum(starts[nz], base[counts > 0])
         return starts, ends, ok
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -240,15 +256,42 @@ class TextTokenizer:
         return self._tok.id_to_token(i)
 
 
+def literal_union_regex(texts) -> re.Pattern:
+    """A regular expression matching any of ``texts`` (non-empty literals), the longest one where several start
+    at the same position: the same matches as ``"|".join(map(re.escape, longest first))``, but written as a trie
+    (``<(?:s>|/s>|unk>)|\\[(?:INST\\]|...)``), so a position is rejected after a character or two instead of
+    after trying every text (a tokenizer may have hundreds of special tokens)."""
+    trie: dict = {}
+    for t in texts:
+        node = trie
+        for ch in t:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        alts = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer text first, this one otherwise
+
+    return re.compile(build(trie))
+
+
 def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray] | None:
     """``(chars, width)`` int64 ``[vocab]`` for :meth:`TextTokenizer.piece_offsets`, or None when the tokenizer is
     not of the kind it handles or fails the :data:`_PROBES` check. ``chars`` is -1 for added tokens and ``<unk>``."""
-    spec = json.loads(tok._tok.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
+    from tokenizers import models
+
+    model = tok._tok.model
+    if not isinstance(model, models.BPE) or model.dropout or model.continuing_subword_prefix \
+            or model.end_of_word_suffix:
         return None
-    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+
+    def spec(part):  # a normalizer / pre-tokenizer as its JSON form, None when absent
+        return None if part is None else json.loads(part.__getstate__())
+
+    norm, pre = spec(tok._tok.normalizer), spec(tok._tok.pre_tokenizer)
     metaspace = isinstance(pre, dict) and pre.get("type") == "Metaspace" and pre.get("replacement") == _SPACE \
         and pre.get("split") is False and pre.get("prepend_scheme") in ("first", "always", "never")
     legacy = pre is None and isinstance(norm, dict) and norm.get("type") == "Sequence" and norm.get("normalizers") == [
@@ -259,11 +302,11 @@ def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray] | None:
     chars = np.full(size, -1, dtype=np.int64)
     width = np.zeros(size, dtype=np.int64)
     added = set(tok._tok.get_added_tokens_decoder())
-    unk = tok._tok.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+    unk = tok._tok.token_to_id(model.unk_token) if model.unk_token else None
     for piece, i in tok._tok.get_vocab(with_added_tokens=False).items():
         if i in added or i == unk or i >= size:
             continue
-        m = _BYTE_PIECE.match(piece) if model.get("byte_fallback") else None
+        m = _BYTE_PIECE.match(piece) if model.byte_fallback else None
         if m:
             chars[i], width[i] = (0 if int(m.group(1), 16) & 0xC0 == 0x80 else 1), 1
         else:
