@@ -219,3 +219,44 @@ def test_real_sharegpt_dummy():
     assert roles.count("user") == 1000 and roles.count("assistant") == 1000
     assert sorted({len(e.messages) for e in exs}) == [2, 4, 6]
     assert [sum(1 for e in exs if len(e.messages) == n) for n in (2, 4, 6)] == [167, 166, 167]
+
+
+def test_jsonl_line_decoding_is_json_loads_on_random_lines():
+    """decode_jsonl_line skips json.loads's per-call overhead; on random lines of JSON characters, whitespace
+    (ASCII and non-breaking) and invalid UTF-8 it gives json.loads's value, or its error message and column."""
+    import json
+    import random
+    import re
+
+    from itune.data.sources import RecordError, decode_jsonl_line
+
+    def expected(raw):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return ("invalid_utf8",)
+        if not line.strip():
+            return None
+        try:
+            return ("ok", json.loads(line))
+        except json.JSONDecodeError as e:
+            return ("invalid_json", e.msg, e.colno)
+
+    def got(raw):
+        r = decode_jsonl_line(raw, "f.jsonl:1")
+        if isinstance(r, RecordError):
+            if r.reason == "invalid_utf8":
+                return (r.reason,)
+            m = re.search(r"not valid JSON \((.*) at column (\d+)\)", r.detail)
+            return (r.reason, m.group(1), int(m.group(2)))
+        return None if r is None and expected(raw) is None else ("ok", r)
+
+    rnd = random.Random(0)
+    alphabet = list(b'{}[]":, \t\n\r1ae\\nul') + [0xC2, 0xA0, 0xFF]
+    lines = [b'{"a": 1}\n', b'  {"a": 1}  \r\n', b'{"a": 1} x\n', b'{"a":1}{"b":2}\n', b"1 2\n", b"\xc2\xa0\n"]
+    lines += [bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(30_000)]
+    kinds = set()
+    for raw in lines:
+        assert got(raw) == expected(raw), raw
+        kinds.add(None if expected(raw) is None else expected(raw)[0])
+    assert kinds == {None, "ok", "invalid_json", "invalid_utf8"}

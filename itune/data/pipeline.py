@@ -293,6 +293,9 @@ def _process_chunk(job) -> dict:
     flat_ids, flat_labels, lengths, status = render_flat(examples, tok, plan.seq_len, spec.template, plan.overflow,
                                                          plan.train_on)
     tasks, eids = [], []
+    if not heldout and status.count(None) == len(status):  # the common case: every example written
+        tasks, eids = [ex.task for ex in examples], [ex.id for ex in examples]
+        status = ()
     for ex, loc, st in zip(examples, locs, status):
         reason, err = st if st is not None else (None, None)
         if err is not None:  # the template cannot render this record: a bad record, like a reader error
@@ -315,8 +318,9 @@ def _process_chunk(job) -> dict:
     lengths = lengths.astype(np.int32)
     trained = flat_labels != IGNORE_INDEX
     tokens = pack_tokens(flat_ids, trained)
-    trainable = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=trained,
-                            minlength=len(lengths)).astype(np.int32)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    seen = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+    trainable = (seen[ends] - seen[ends - lengths]).astype(np.int32)  # trained tokens per example
     res.update(tokens=tokens, lengths=lengths, trainable=trainable, tasks=tasks, example_ids=eids)
     return res
 
@@ -638,7 +642,10 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     finally:
         _SHARD_JOB.clear()
     tokens = int(lengths.sum())
-    fills = np.asarray([sum(int(lengths[i]) for i in row) for row in rows], dtype=np.int64)
+    row_of = np.repeat(np.arange(n_rows), np.fromiter(map(len, rows), dtype=np.int64, count=n_rows))
+    fills = np.bincount(row_of, weights=lengths[np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                                                            count=len(row_of))],
+                        minlength=n_rows).astype(np.int64)  # tokens per row
     return {
         "examples": int(len(ex)),
         "examples_per_task": _per_task(meta, ex),

@@ -132,8 +132,11 @@ def segments(example: Example, template: str = "completion", tok: TextTokenizer 
             template raised, or a message holds a reserved marker character).
     """
     _check(template, train_on)
-    last = max((i for i, m in enumerate(example.messages) if m.role == "assistant"), default=-1)
-    trained = [m.role == "assistant" and (train_on == "all" or i == last) for i, m in enumerate(example.messages)]
+    messages = example.messages
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) if train_on == "last" else -1
+    trained = [m.role == "assistant" for m in messages]
+    if train_on == "last":
+        trained = [t and i == last for i, t in enumerate(trained)]
     if template == "tokenizer":
         if tok is None:
             raise ConfigError("template 'tokenizer' needs the tokenizer (its chat template)")
@@ -142,19 +145,16 @@ def segments(example: Example, template: str = "completion", tok: TextTokenizer 
         return _alpaca_segments(example)
     out = []
     if template == "chat":
-        for i, m in enumerate(example.messages):
+        for i, m in enumerate(messages):
             sep = "\n" if i else ""  # newline between turns (after the previous turn's EOS)
             if m.role == "assistant":
                 out.append(Segment(sep + CHAT_HEADERS["assistant"], False))
-                out.append(Segment(m.content.strip(), trained[i], eos=True))
+                out.append(Segment(m.content.strip(), trained[i], True))
             else:
                 out.append(Segment(sep + CHAT_HEADERS[m.role] + m.content.strip(), False))
         return out
-    for i, m in enumerate(example.messages):
-        if m.role == "assistant":
-            out.append(Segment(" " + m.content.strip(), trained[i], eos=True))
-        else:
-            out.append(Segment(m.content, False))
+    for m, t in zip(messages, trained):
+        out.append(Segment(" " + m.content.strip(), t, True) if m.role == "assistant" else Segment(m.content, False))
     return out
 
 
@@ -286,14 +286,14 @@ def _layout(segs: list[Segment]) -> tuple[str, list[tuple[int, int]], list[tuple
     ranges: list[tuple[int, int]] = []
     eos_at: list[tuple[int, bool]] = []
     pos = 0
-    for s in segs:
-        end = pos + len(s.text)
-        if s.trainable:
+    for text, trainable, eos in segs:
+        end = pos + len(text)
+        if trainable:
             ranges.append((pos, end))
-        if s.ends_with_eos:
-            eos_at.append((end, s.trainable))
+        if trainable if eos is None else eos:  # Segment.ends_with_eos
+            eos_at.append((end, trainable))
         pos = end
-    return "".join(s.text for s in segs), ranges, eos_at
+    return "".join([s[0] for s in segs]), ranges, eos_at
 
 
 class _EncodingSpans:
@@ -425,7 +425,7 @@ def _tokenize_layouts(layouts: list, tok: TextTokenizer, from_ids: bool) -> tupl
                 np.fromiter((len(a) for a, _ in parts), dtype=np.int64, count=len(parts)))
     id_lists = tok.encode_batch_ids([t for t, _, _ in layouts])
     counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(counts.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
     text_lengths = np.fromiter((len(t) for t, _, _ in layouts), dtype=np.int64, count=len(layouts))
     base = np.cumsum(text_lengths + 1) - (text_lengths + 1)  # each text's place in their concatenation
     starts, ends, ok = tok.piece_offsets(flat, counts, text_lengths, base)
@@ -635,14 +635,14 @@ def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, templ
         tok.find_special_text(h) for h in CHAT_HEADERS.values()))
     ids, labels, lengths = _tokenize_layouts(layouts, tok, from_ids)
     head = 1 if tok.bos_id is not None else 0
-    enc = np.repeat(np.arange(len(lengths)), lengths)
-    trainable = np.bincount(enc, weights=labels != IGNORE_INDEX, minlength=len(lengths))
+    ends = np.cumsum(lengths)
+    seen = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    trainable = seen[ends] - seen[ends - lengths]  # trained tokens per example
     over = lengths > seq_len
     keep = (trainable > 0) & ~over
     for j in np.flatnonzero(~keep).tolist():
         status[todo[j]] = ("no_trainable_tokens", None)
     if over.any():  # the over-long policy, one example at a time (rare)
-        ends = np.cumsum(lengths)
         parts_ids, parts_labels, new_lengths = [], [], []
         for j, i in enumerate(todo):
             a, b = ids[ends[j] - lengths[j]:ends[j]], labels[ends[j] - lengths[j]:ends[j]]
@@ -660,6 +660,7 @@ def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, templ
         return (np.concatenate(parts_ids), np.concatenate(parts_labels), np.asarray(new_lengths, np.int64),
                 status)
     if not keep.all():
+        enc = np.repeat(np.arange(len(lengths)), lengths)
         ids, labels = ids[keep[enc]], labels[keep[enc]]
         lengths = lengths[keep]
     return ids, labels, lengths, status

@@ -147,12 +147,16 @@ def verify(data_dir: str | Path) -> list[str]:
     Returns:
         A list of problems (empty when the directory is intact).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     problems = []
     seq_len = m["seq_len"]
     for split, info in m["splits"].items():
-        problems += [x for sh in info["shards"] if (x := check_shard_file(data_dir, sh)) is not None]
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # hashing releases the GIL
+            problems += [x for x in pool.map(lambda sh: check_shard_file(data_dir, sh), info["shards"])
+                         if x is not None]
         try:
             t = open_split(data_dir, split)
         except (ManifestError, OSError, pa.ArrowException) as e:

@@ -223,7 +223,7 @@ class TextTokenizer:
         if not self.has_piece_offsets:
             raise ValueError(f"{self.path}: offsets cannot be computed from ids for this tokenizer")
         chars, width = self._piece_tables
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids)
         counts = np.asarray(counts, dtype=np.int64)
         k = len(counts)
         c = chars[ids]
@@ -299,8 +299,8 @@ def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray] | None:
     if not ((norm is None and metaspace) or legacy):
         return None
     size = tok._tok.get_vocab_size(with_added_tokens=True)
-    chars = np.full(size, -1, dtype=np.int64)
-    width = np.zeros(size, dtype=np.int64)
+    chars = np.full(size, -1, dtype=np.int32)
+    width = np.zeros(size, dtype=np.int32)
     added = set(tok._tok.get_added_tokens_decoder())
     unk = tok._tok.token_to_id(model.unk_token) if model.unk_token else None
     for piece, i in tok._tok.get_vocab(with_added_tokens=False).items():
