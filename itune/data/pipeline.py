@@ -553,65 +553,67 @@ def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
     return {"edges": edges, "counts": int_histogram(np.asarray(values, dtype=np.int64), edges)}
 
 
-_SHARD_JOB: dict = {}
+def _write_shard(job: dict) -> dict:
+    """Writes one shard from a self-contained job (built by :func:`write_split_rows`, run in any process); returns
+    its manifest entry.
+
+    ``job``: ``path`` (the shard file), ``dirs`` (slice directories), ``seq_len``, ``pad_id``, ``per_row`` (int64
+    [rows]: examples per row), and per example of the shard in row order ``length``, ``slice``, ``offset`` (int64
+    arrays) and ``id`` (Arrow strings).
+    """
+    path, seq_len, pad_id = Path(job["path"]), job["seq_len"], job["pad_id"]
+    per_row_all = job["per_row"]
+    first = np.concatenate([[0], np.cumsum(per_row_all)])  # first example of each row
+    reader = _TokenReader(job["dirs"])
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shards.SCHEMA) as writer:
+            for b in range(0, len(per_row_all), WRITE_BATCH_ROWS):
+                per_row = per_row_all[b:b + WRITE_BATCH_ROWS]
+                r = len(per_row)
+                e0, e1 = int(first[b]), int(first[b + r])
+                lens = job["length"][e0:e1]
+                stored = reader.gather(job["slice"][e0:e1], job["offset"][e0:e1], lens)
+                # destination of every token: row * seq_len + (start of its example in the row) + (index in it)
+                row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)
+                ex_end = np.cumsum(lens)
+                row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, weights=lens, minlength=r))[:-1]])
+                start_in_row = ex_end - lens - row_start[row_of].astype(np.int64)
+                within = np.arange(len(stored), dtype=np.int64) - np.repeat(ex_end - lens, lens)
+                dest = np.repeat(row_of * seq_len + start_in_row, lens) + within
+                ids, labs = unpack_tokens(stored)
+                fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)
+                input_ids = np.full(r * seq_len, pad_id, dtype=np.int32)
+                labels = np.full(r * seq_len, IGNORE_INDEX, dtype=np.int32)
+                # positions restart per example; the padding tail counts 0, 1, ... from the row's fill
+                position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - fill[:, None]).reshape(-1)
+                input_ids[dest], labels[dest], position_ids[dest] = ids, labs, within
+                fixed = pa.array(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
+                counts = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+                cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids)),
+                        pa.ListArray.from_arrays(fixed, pa.array(labels)),
+                        pa.ListArray.from_arrays(fixed, pa.array(position_ids.astype(np.int32))),
+                        pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
+                        pa.ListArray.from_arrays(counts, job["id"].take(pa.array(np.arange(e0, e1))))]
+                writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
+    finally:
+        reader.close()
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": len(per_row_all), "bytes": path.stat().st_size,
+            "sha256": shards.sha256_file(path)}
 
 
-def _write_shard(s: int) -> dict:
-    """Writes shard ``s`` of the split described by ``_SHARD_JOB`` (:func:`write_split_rows`); returns its
-    manifest entry."""
-    j = _SHARD_JOB
-    out_dir, split, rows, ex, meta, reader = j["out_dir"], j["split"], j["rows"], j["ex"], j["meta"], j["reader"]
-    seq_len, pad_id = j["seq_len"], j["pad_id"]
-    num_shards = len(j["bounds"]) - 1
-    lo, hi = j["bounds"][s], j["bounds"][s + 1]
-    name = f"{split}-{s:05d}-of-{num_shards:05d}.arrow"
-    tmp = out_dir / f".{name}.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, shards.SCHEMA) as writer:
-        for b in range(lo, hi, WRITE_BATCH_ROWS) if hi > lo else []:
-            batch_rows = rows[b:min(hi, b + WRITE_BATCH_ROWS)]
-            r = len(batch_rows)
-            g = ex[np.fromiter((i for row in batch_rows for i in row), dtype=np.int64)]  # examples, row order
-            per_row = np.fromiter(map(len, batch_rows), dtype=np.int64, count=r)
-            lens = meta["length"][g].astype(np.int64)
-            stored = reader.gather(meta["slice"][g], meta["offset"][g], lens)
-            # destination of every token: row * seq_len + (start of its example in the row) + (index in it)
-            row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)
-            ex_end = np.cumsum(lens)
-            row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, weights=lens, minlength=r))[:-1]])
-            start_in_row = ex_end - lens - row_start[row_of].astype(np.int64)
-            within = np.arange(len(stored), dtype=np.int64) - np.repeat(ex_end - lens, lens)
-            dest = np.repeat(row_of * seq_len + start_in_row, lens) + within
-            ids, labs = unpack_tokens(stored)
-            fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)
-            input_ids = np.full(r * seq_len, pad_id, dtype=np.int32)
-            labels = np.full(r * seq_len, IGNORE_INDEX, dtype=np.int32)
-            # positions restart per example; the padding tail counts 0, 1, ... from the row's fill
-            position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - fill[:, None]).reshape(-1)
-            input_ids[dest], labels[dest], position_ids[dest] = ids, labs, within
-            fixed = pa.array(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
-            counts = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
-            cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids)),
-                    pa.ListArray.from_arrays(fixed, pa.array(labels)),
-                    pa.ListArray.from_arrays(fixed, pa.array(position_ids.astype(np.int32))),
-                    pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
-                    pa.ListArray.from_arrays(counts, meta["id"].take(pa.array(g)))]
-            writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
-    os.replace(tmp, out_dir / name)
-    return {"file": name, "rows": hi - lo, "bytes": (out_dir / name).stat().st_size,
-            "sha256": shards.sha256_file(out_dir / name)}
-
-
-def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, reader, seq_len: int, pad_id: int,
-                     seed: int, packed: bool, max_rows_per_shard: int, num_proc: int = 1) -> dict:
+def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dirs: list[Path], seq_len: int,
+                     pad_id: int, seed: int, packed: bool, max_rows_per_shard: int, pool=None,
+                     procs: int = 1) -> dict:
     """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry.
 
     Args:
         sel: indices into ``meta`` of the examples to write (repeats allowed), in their global order.
-        meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task``, ``id`` (lists).
-        reader: a :class:`_TokenReader` of the slices: ``gather(slices, offsets, lengths)`` -> the examples' stored
-            tokens (:func:`pack_tokens`) concatenated.
-        num_proc: processes writing shards (this one and ``num_proc - 1`` forked ones); the files are the same
-            for any value.
+        meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task_code``, ``id``.
+        dirs: the slice directories (``meta["slice"]`` indexes them; tokens are read from their ``tokens.bin``).
+        pool, procs: a ``multiprocessing`` pool of ``procs - 1`` processes that write shards too (shard s is
+            written by this process when ``s % procs == 0``); the files are the same without it.
 
     Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.
     Rows are built ``WRITE_BATCH_ROWS`` at a time. The rows are split evenly over ``ceil(rows /
@@ -627,20 +629,21 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, rea
     n_rows = len(rows)
     num_shards = max(1, -(-n_rows // max_rows_per_shard))
     bounds = [n_rows * s // num_shards for s in range(num_shards + 1)]
-    _SHARD_JOB.update(out_dir=out_dir, split=split, rows=rows, ex=ex, meta=meta, reader=reader, seq_len=seq_len,
-                      pad_id=pad_id, bounds=bounds)
-    try:
-        procs = min(max(1, num_proc), num_shards)
-        if procs == 1:
-            shard_list = [_write_shard(s) for s in range(num_shards)]
-        else:  # forked after the state is set: the children see it; shard s is written by process s % procs
-            with mp.get_context("fork").Pool(procs - 1) as pool:
-                theirs = pool.map_async(_write_shard, [s for s in range(num_shards) if s % procs])
-                mine = {s: _write_shard(s) for s in range(0, num_shards, procs)}
-                others = dict(zip([s for s in range(num_shards) if s % procs], theirs.get()))
-            shard_list = [mine[s] if s in mine else others[s] for s in range(num_shards)]
-    finally:
-        _SHARD_JOB.clear()
+
+    def job(s: int) -> dict:  # everything shard s needs, small enough to send to another process
+        part = rows[bounds[s]:bounds[s + 1]]
+        g = ex[np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64)] if part else ex[:0]
+        return {"path": str(out_dir / f"{split}-{s:05d}-of-{num_shards:05d}.arrow"), "dirs": dirs,
+                "seq_len": seq_len, "pad_id": pad_id,
+                "per_row": np.fromiter(map(len, part), dtype=np.int64, count=len(part)),
+                "length": meta["length"][g].astype(np.int64), "slice": meta["slice"][g].astype(np.int64),
+                "offset": meta["offset"][g].astype(np.int64), "id": meta["id"].take(pa.array(g))}
+
+    procs = 1 if pool is None else max(1, min(procs, num_shards))
+    theirs = [pool.apply_async(_write_shard, (job(s),)) for s in range(num_shards) if s % procs] if procs > 1 else []
+    mine = {s: _write_shard(job(s)) for s in range(0, num_shards, procs)}
+    others = iter([r.get() for r in theirs])
+    shard_list = [mine[s] if s in mine else next(others) for s in range(num_shards)]
     tokens = int(lengths.sum())
     row_of = np.repeat(np.arange(n_rows), np.fromiter(map(len, rows), dtype=np.int64, count=n_rows))
     fills = np.bincount(row_of, weights=lengths[np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
@@ -689,6 +692,18 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
     t0 = time.time() if started is None else started
     out_dir = Path(out_dir)
     plan, summaries = _load_slices(out_dir)
+    # shard writers, forked before the examples' metadata is loaded so that they hold little memory
+    pool = mp.get_context("fork").Pool(num_proc - 1) if num_proc > 1 else None
+    try:
+        return _merge(out_dir, plan, summaries, keep_slices, t0, pool, num_proc)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices: bool, t0: float, pool,
+           num_proc: int) -> dict:
     from itune.data.prepare import clear_outputs
 
     clear_outputs(out_dir, slices=False)
@@ -751,37 +766,33 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
     pad_id = plan.tokenizer_info.get("pad_id")
     if pad_id is None:
         pad_id = TextTokenizer.load(plan.tokenizer).pad_id
-    reader = _TokenReader(dirs)
     splits = {}
-    try:
-        parts = [("train", sel)] + ([("test", np.flatnonzero(is_test))] if heldout else [])
-        for split, idx in parts:
-            info = write_split_rows(out_dir, split, idx, meta, reader, plan.seq_len, pad_id, plan.seed, plan.pack,
-                                    plan.max_rows_per_shard, num_proc)
-            written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
-            rej = rejected if split == "train" else rejected_test
-            if plan.task_field:
-                first = np.unique(meta["task_code"][idx], return_index=True)
-                tasks = [names[c] for _, c in sorted(zip(first[1].tolist(), first[0].tolist()))]
-            else:  # a source is a task: every source of the split, even one left without examples
-                tasks = list(dict.fromkeys(s.name for s in plan.sources if (s.name in heldout) == (split == "test")))
-            info = {"tasks": tasks,
-                    "counts": {"read": written + sum(rej.values()), "written": written,
-                               "rejected": {k: rej[k] for k in sorted(rej)}}, **info}
-            if split == "test":
-                recs = _first_per_task(_merge_jsonl([d / "eval.jsonl" for d in dirs]),
-                                       plan.max_eval_instances_per_task)
-                dup = sorted(k for k, v in Counter(x["id"] for x in recs).items() if v > 1)
-                if dup:
-                    raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all); scores are "
-                                      "matched by id, so give every record a unique 'id' field")
-                atomic_write_text(out_dir / "test_eval.jsonl",
-                                  "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
-                info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
-                            eval_sha256=shards.sha256_file(out_dir / "test_eval.jsonl"))
-            splits[split] = info
-    finally:
-        reader.close()
+    parts = [("train", sel)] + ([("test", np.flatnonzero(is_test))] if heldout else [])
+    for split, idx in parts:
+        info = write_split_rows(out_dir, split, idx, meta, dirs, plan.seq_len, pad_id, plan.seed, plan.pack,
+                                plan.max_rows_per_shard, pool, num_proc)
+        written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
+        rej = rejected if split == "train" else rejected_test
+        if plan.task_field:
+            first = np.unique(meta["task_code"][idx], return_index=True)
+            tasks = [names[c] for _, c in sorted(zip(first[1].tolist(), first[0].tolist()))]
+        else:  # a source is a task: every source of the split, even one left without examples
+            tasks = list(dict.fromkeys(s.name for s in plan.sources if (s.name in heldout) == (split == "test")))
+        info = {"tasks": tasks,
+                "counts": {"read": written + sum(rej.values()), "written": written,
+                           "rejected": {k: rej[k] for k in sorted(rej)}}, **info}
+        if split == "test":
+            recs = _first_per_task(_merge_jsonl([d / "eval.jsonl" for d in dirs]),
+                                   plan.max_eval_instances_per_task)
+            dup = sorted(k for k, v in Counter(x["id"] for x in recs).items() if v > 1)
+            if dup:
+                raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all); scores are "
+                                  "matched by id, so give every record a unique 'id' field")
+            atomic_write_text(out_dir / "test_eval.jsonl",
+                              "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
+            info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
+                        eval_sha256=shards.sha256_file(out_dir / "test_eval.jsonl"))
+        splits[split] = info
     templates = sorted({s.template for s in plan.sources})
     manifest = {
         "format_version": shards.FORMAT_VERSION,
