@@ -15,3 +15,7 @@ class DataFormatError(ItuneError, ValueError):
 
 class ManifestError(ItuneError, ValueError):
     """Prepared data does not match its manifest, or the manifest does not match the run."""
+
+
+class WorkerError(ItuneError, RuntimeError):
+    """A worker process died (killed by a signal, e.g. the out-of-memory killer) before returning its result."""

@@ -208,3 +208,25 @@ def test_ctrl_c_stops_a_multi_process_run_and_a_rerun_is_complete(tmp_path):
     m = prepare_sources(_opts(out, [f], seq_len=2048, num_proc=2))
     assert m["splits"]["train"]["counts"] == {"read": 120000, "written": 120000, "rejected": {}}
     assert verify(out) == []
+
+
+def test_json_python_cannot_hold_is_a_bad_record_not_a_crash(tmp_path):
+    """An integer of 5,000 digits (over Python's int-from-string limit) or 100,000 nested arrays (deeper than its
+    stack) in one JSONL record is that record's error, named by file and line, and skipped with --on-error skip;
+    in a JSON array file it stops the run naming the file."""
+    f = tmp_path / "odd.jsonl"
+    f.write_text("\n".join([json.dumps({"prompt": "a", "completion": "b"}),
+                            '{"prompt": "a", "completion": "b", "n": ' + "9" * 5000 + "}",
+                            '{"prompt": "a", "completion": "b", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                            "\ufeff" + json.dumps({"prompt": "c", "completion": "d"})]) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"odd.jsonl:2: JSON this reader cannot hold \(ValueError"):
+        prepare_sources(_opts(tmp_path / "o1", [f], format="prompt_completion"))
+    m = prepare_sources(_opts(tmp_path / "o2", [f], format="prompt_completion", on_error="skip"))
+    assert m["splits"]["train"]["counts"] == {"read": 4, "written": 1, "rejected": {"invalid_json": 3}}
+    rejects = [json.loads(x) for x in (tmp_path / "o2" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["record"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4"]
+    assert "RecursionError" in rejects[1]["message"] and "Unexpected UTF-8 BOM" in rejects[2]["message"]
+    arr = tmp_path / "deep.json"
+    arr.write_text('[{"prompt": "a", "completion": "b", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(DataFormatError, match=r"deep.json: JSON this reader cannot hold \(RecursionError"):
+        prepare_sources(_opts(tmp_path / "o3", [arr], format="prompt_completion"))

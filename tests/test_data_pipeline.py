@@ -2,6 +2,7 @@
 weights and a per-task cap; Slurm array defaults; merge refuses incomplete or inconsistent slices."""
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -356,3 +357,48 @@ def test_jsonl_blocks_cut_records_not_lines_and_keep_line_numbers(tmp_path, size
     assert got == want and len(want) == min(7, 100 if cap is None else cap)
     assert [len(b.items()) for b in blocks] == [min(size, len(want) - i) for i in range(0, len(want), size)]
     assert [loc.rsplit(":", 1)[1] for loc, _, _ in got] == ["1", "4", "5", "7", "8", "9", "11"][:len(got)]
+
+
+_TEST_PROCESS = os.getpid()
+_REAL = {}
+
+
+def _killed_in_a_child(*args):
+    """Stands in for a worker function: in a worker process, the process is killed (as by the out-of-memory
+    killer); in the test's own process (the merge writes some shards itself), the real function runs."""
+    import signal
+
+    if os.getpid() == _TEST_PROCESS:
+        return _REAL["fn"](*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stage", ["tokenize", "merge"])
+def test_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path, bad_file, monkeypatch, stage):
+    """A worker process that dies (SIGKILL) makes prepare or merge fail with WorkerError naming the likely cause,
+    instead of waiting forever for its result."""
+    import signal
+
+    from itune.data import pipeline
+    from itune.errors import WorkerError
+
+    out = tmp_path / "o"
+    if stage == "merge":
+        prepare_sources(_opts(out, [SHAREGPT_DUMMY, bad_file], max_rows_per_shard=17, keep_slices=True))
+    name = "_write_shard" if stage == "merge" else "process_chunk"
+    _REAL["fn"] = getattr(pipeline, name)
+    monkeypatch.setattr(pipeline, name, _killed_in_a_child)
+    def hang(*_):
+        raise TimeoutError("still waiting for a dead worker after 120 s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)  # a hang fails this test, not the whole run
+    try:
+        with pytest.raises(WorkerError, match="process died before returning its result .*out-of-memory"):
+            if stage == "merge":
+                merge_slices(out, num_proc=2)
+            else:
+                prepare_sources(_opts(out, [SHAREGPT_DUMMY, bad_file], num_proc=2))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

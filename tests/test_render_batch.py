@@ -170,7 +170,7 @@ def _variant(tmp_path, name: str, edit) -> "TextTokenizer":
 def _assert_piece_offsets_exact(tok, texts):
     encs = tok.encode_batch(texts)
     flat = np.asarray([i for e in encs for i in e.ids], dtype=np.int64)
-    starts, ends, ok = tok.piece_offsets(flat, [len(e) for e in encs], [len(t) for t in texts])
+    starts, ends, ok = tok.piece_offsets(flat, [len(e) for e in encs], texts)
     added = set(tok._tok.get_added_tokens_decoder())
     pos = 0
     for text, e, good in zip(texts, encs, ok.tolist()):
@@ -275,3 +275,41 @@ def test_special_text_regex_finds_what_a_longest_first_alternation_finds(mistral
     assert sum(bool(plain.findall(t)) for t in texts) > 2000
     for t in texts:
         assert trie.findall(t) == plain.findall(t), t
+
+
+def _hole(spec):  # a byte piece removed: ids no longer contiguous, the highest id equals the vocabulary size
+    vocab = spec["model"]["vocab"]
+    del vocab[next(k for k, i in vocab.items() if i == 800)]
+
+
+def _no_fallback(spec):  # unknown characters are dropped without a trace (no byte fallback, no <unk>)
+    spec["model"].update(byte_fallback=False, unk_token=None)
+    spec["model"]["vocab"].update({"\t": 40000, "\n": 40001})
+
+
+_TOKENIZER_EDITS = {
+    "ids_not_contiguous": _hole,
+    "unknown_characters_dropped": _no_fallback,
+    "truncation_configured": lambda spec: spec.update(truncation={"direction": "Right", "max_length": 12,
+                                                                  "strategy": "LongestFirst", "stride": 0}),
+    "padding_configured": lambda spec: spec.update(padding={"strategy": {"Fixed": 40}, "direction": "Right",
+                                                            "pad_to_multiple_of": None, "pad_id": 11,
+                                                            "pad_type_id": 0, "pad_token": "[control_9]"}),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_TOKENIZER_EDITS))
+def test_unusual_tokenizer_files_label_like_the_reference(tmp_path, edit):
+    """Tokenizer files that differ from the usual layout: ids with a hole, characters dropped silently, a
+    truncation or padding setting (ignored: itune cuts and pads rows itself). Every label equals the
+    reference; a text whose pieces do not spell it exactly is labelled from the tokenizer's offsets."""
+    tok = _variant(tmp_path, edit, _TOKENIZER_EDITS[edit])
+    answers = ["say梦", "🦜yes", "yes 🦜 no", "x.", "tab\there", "▁lead", " space first"]
+    users = ["Q", "Q ok", "one two three four five six seven eight nine ten eleven", "\tindent"]
+    exs = [Example(f"e{i}", [Message("user", u), Message("assistant", a)], "t")
+           for i, (u, a) in enumerate((u, a) for u in users for a in answers)]
+    for template in ("completion", "chat", "alpaca"):
+        segs = [segments(ex, template, tok) for ex in exs]
+        for ex, s, (ids, labels) in zip(exs, segs, tokenize_segments_batch(segs, tok)):
+            assert (ids.tolist(), labels.tolist()) == reference_tokenize(s, tok), (edit, template, ex.messages)
+    assert tok._tok.truncation is None and tok._tok.padding is None

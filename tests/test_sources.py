@@ -223,7 +223,8 @@ def test_real_sharegpt_dummy():
 
 def test_jsonl_line_decoding_is_json_loads_on_random_lines():
     """decode_jsonl_line skips json.loads's per-call overhead; on random lines of JSON characters, whitespace
-    (ASCII and non-breaking) and invalid UTF-8 it gives json.loads's value, or its error message and column."""
+    (ASCII and non-breaking), byte order marks and invalid UTF-8 it gives json.loads's value, or its error message
+    and column (the first line's byte order mark is stripped before, as a file's)."""
     import json
     import random
     import re
@@ -252,9 +253,10 @@ def test_jsonl_line_decoding_is_json_loads_on_random_lines():
         return None if r is None and expected(raw) is None else ("ok", r)
 
     rnd = random.Random(0)
-    alphabet = list(b'{}[]":, \t\n\r1ae\\nul') + [0xC2, 0xA0, 0xFF]
-    lines = [b'{"a": 1}\n', b'  {"a": 1}  \r\n', b'{"a": 1} x\n', b'{"a":1}{"b":2}\n', b"1 2\n", b"\xc2\xa0\n"]
-    lines += [bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(30_000)]
+    alphabet = [bytes([c]) for c in b'{}[]":, \t\n\r1ae\\nul'] + [b"\xc2\xa0", b"\xff", b"\xef\xbb\xbf"]
+    lines = [b'{"a": 1}\n', b'  {"a": 1}  \r\n', b'{"a": 1} x\n', b'{"a":1}{"b":2}\n', b"1 2\n", b"\xc2\xa0\n",
+             b'\xef\xbb\xbf{"a": 1}\n']
+    lines += [b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(30_000)]
     kinds = set()
     for raw in lines:
         assert got(raw) == expected(raw), raw

@@ -36,6 +36,8 @@ import shutil
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, d
                                 iter_records, parse_record, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
 from itune.data.tokenizer import TextTokenizer
-from itune.errors import ConfigError, DataFormatError, ManifestError
+from itune.errors import ConfigError, DataFormatError, ManifestError, WorkerError
 from itune.fileio import atomic_write_text
 
 #: Records per chunk (per source; the last chunk of a source may be shorter).
@@ -355,15 +357,29 @@ def _ordered_results(jobs, num_proc: int, plan: PipelinePlan):
         for job in jobs:
             yield process_chunk(job)
         return
-    ctx = mp.get_context("fork")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(plan, False)) as pool:
-        pending: collections.deque = collections.deque()
+    pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                               initargs=(plan, False))
+    pending: collections.deque = collections.deque()
+    try:
         for job in jobs:
-            pending.append(pool.apply_async(process_chunk, (job,)))
+            pending.append(pool.submit(process_chunk, job))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                yield _result(pending.popleft(), "a tokenizing")
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft(), "a tokenizing")
+    finally:  # on an error or Ctrl-C: chunks not started are dropped, the ones running end (workers ignore SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future, who: str):
+    """A worker's result; a worker that died (a signal, e.g. the out-of-memory killer) is a :class:`WorkerError`
+    instead of a pool waiting forever."""
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise WorkerError(f"{who} process died before returning its result (killed by a signal, e.g. the "
+                          "out-of-memory killer: check `dmesg`); lower --num-proc or give the job more memory, "
+                          "then run the same command again") from e
 
 
 def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int = 1) -> dict:
@@ -640,9 +656,9 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dir
                 "offset": meta["offset"][g].astype(np.int64), "id": meta["id"].take(pa.array(g))}
 
     procs = 1 if pool is None else max(1, min(procs, num_shards))
-    theirs = [pool.apply_async(_write_shard, (job(s),)) for s in range(num_shards) if s % procs] if procs > 1 else []
+    theirs = [pool.submit(_write_shard, job(s)) for s in range(num_shards) if s % procs] if procs > 1 else []
     mine = {s: _write_shard(job(s)) for s in range(0, num_shards, procs)}
-    others = iter([r.get() for r in theirs])
+    others = iter([_result(f, "a shard-writing") for f in theirs])
     shard_list = [mine[s] if s in mine else next(others) for s in range(num_shards)]
     tokens = int(lengths.sum())
     row_of = np.repeat(np.arange(n_rows), np.fromiter(map(len, rows), dtype=np.int64, count=n_rows))
@@ -692,14 +708,16 @@ def merge_slices(out_dir: str | Path, keep_slices: bool = False, started: float 
     t0 = time.time() if started is None else started
     out_dir = Path(out_dir)
     plan, summaries = _load_slices(out_dir)
-    # shard writers, forked before the examples' metadata is loaded so that they hold little memory
-    pool = mp.get_context("fork").Pool(num_proc - 1) if num_proc > 1 else None
+    # shard writers, forked now (a first task starts them), before the examples' metadata is loaded, so that they
+    # hold little memory
+    pool = ProcessPoolExecutor(num_proc - 1, mp_context=mp.get_context("fork")) if num_proc > 1 else None
     try:
+        if pool is not None:
+            _result(pool.submit(os.getpid), "a shard-writing")
         return _merge(out_dir, plan, summaries, keep_slices, t0, pool, num_proc)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices: bool, t0: float, pool,

@@ -423,12 +423,13 @@ def _tokenize_layouts(layouts: list, tok: TextTokenizer, from_ids: bool) -> tupl
         parts = _layouts_with_offsets(layouts, tok)
         return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]),
                 np.fromiter((len(a) for a, _ in parts), dtype=np.int64, count=len(parts)))
-    id_lists = tok.encode_batch_ids([t for t, _, _ in layouts])
+    texts = [t for t, _, _ in layouts]
+    id_lists = tok.encode_batch_ids(texts)
     counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
-    text_lengths = np.fromiter((len(t) for t, _, _ in layouts), dtype=np.int64, count=len(layouts))
+    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     base = np.cumsum(text_lengths + 1) - (text_lengths + 1)  # each text's place in their concatenation
-    starts, ends, ok = tok.piece_offsets(flat, counts, text_lengths, base)
+    starts, ends, ok = tok.piece_offsets(flat, counts, texts, base)
     ids, labels, lengths = _label_flat(flat, counts, starts, ends, base, layouts, tok)
     if ok.all():
         return ids, labels, lengths

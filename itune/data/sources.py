@@ -321,6 +321,8 @@ def decode_jsonl_line(raw: bytes, loc: str, first: bool = False):
     if not line.strip():
         return None
     try:
+        if line.startswith("\ufeff"):  # as json.loads (a byte order mark inside the file)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", line, 0)
         rec, end = _JSON.raw_decode(line, _JSON_SPACE(line, 0).end())
         end = _JSON_SPACE(line, end).end()
         if end != len(line):
@@ -329,6 +331,9 @@ def decode_jsonl_line(raw: bytes, loc: str, first: bool = False):
     except json.JSONDecodeError as e:
         return RecordError("invalid_json", loc, f"not valid JSON ({e.msg} at column {e.colno}); a JSONL "
                                                 "file holds one JSON object per line")
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting deeper than Python's stack
+        return RecordError("invalid_json", loc, f"JSON this reader cannot hold ({type(e).__name__}: "
+                                                f"{str(e)[:120]})")
 
 
 def is_json_array(path: Path) -> bool:
@@ -346,6 +351,9 @@ def _iter_json_records(path: Path):
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from e
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
+            raise DataFormatError(f"{path}: JSON this reader cannot hold ({type(e).__name__}: {str(e)[:120]}); "
+                                  "fix the file") from e
         if not isinstance(data, list):
             raise DataFormatError(f"{path}: a JSON file must hold an array of records, found {type(data).__name__}")
         for i, rec in enumerate(data):

@@ -70,7 +70,7 @@ class TextTokenizer:
     special_tokens: dict = None  # {"bos_token": "<s>", "eos_token": "</s>", ...}: the texts a chat template sees
     _special_texts: tuple | None = field(default=None, repr=False, compare=False)
     _special_re: object = field(default=None, repr=False, compare=False)
-    _piece_tables: object = field(default=None, repr=False, compare=False)  # (chars, width) arrays, or False
+    _piece_tables: object = field(default=None, repr=False, compare=False)  # (chars, width, prepend), or False
 
     @property
     def special_texts(self) -> tuple[str, ...]:
@@ -120,6 +120,10 @@ class TextTokenizer:
                 "(or make one with `itune-data train-tokenizer`)."
             )
         tok = Tokenizer.from_file(str(tj))
+        # rows are cut by itune's over-long policy and padded by the packer: a tokenizer.json's own truncation
+        # or padding would drop or add tokens unseen by the labels
+        tok.no_truncation()
+        tok.no_padding()
         cfg: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = path / name
@@ -191,24 +195,25 @@ class TextTokenizer:
             self._piece_tables = _piece_tables(self) or False
         return self._piece_tables is not False
 
-    def piece_offsets(self, ids: np.ndarray, counts: np.ndarray, text_lengths: np.ndarray,
-                      base: np.ndarray | None = None):
+    def piece_offsets(self, ids: np.ndarray, counts: np.ndarray, texts: list[str], base: np.ndarray | None = None):
         """Character offsets of the tokens of several encodings, computed from their ids alone.
 
         For a SentencePiece-style BPE tokenizer (``Metaspace`` pre-tokenizer without splitting, or the legacy
         ``Prepend`` + ``Replace`` normalizer; byte fallback) the pieces of an encoding spell the text with
-        ``"\u2581"`` for each space, after one ``"\u2581"`` the tokenizer may prepend. A token's end is
+        ``"\u2581"`` for each space, after the ``"\u2581"`` the tokenizer prepends (``Metaspace``: to a text that
+        does not start with a space or ``"\u2581"``, unless ``prepend_scheme`` is ``never``; ``Prepend``: to any
+        non-empty text). A token's end is
         therefore the running sum of its pieces' lengths in characters (a byte piece counts 1 when it starts a
         character's UTF-8 sequence, 0 when it continues one), less the prepended character, and its start is its
         end less its width (every byte piece of a character spans that whole character, as in the tokenizer's own
         offsets; the prepended character is aligned with the first one). An encoding holding an added token or
-        ``<unk>``, or whose pieces do not add up to its text, is reported not ``ok`` (use
-        :meth:`encode_batch` offsets for it).
+        ``<unk>``, or whose pieces do not spell exactly its text (after that prepended character), is reported not
+        ``ok`` (use :meth:`encode_batch` offsets for it).
 
         Args:
             ids: int ``[tokens]``, the encodings' ids concatenated (:meth:`encode_batch_ids`).
             counts: int ``[encodings]``, tokens per encoding.
-            text_lengths: int ``[encodings]``, characters of each encoded text.
+            texts: the encoded texts, ``[encodings]``.
             base: int ``[encodings]`` added to the offsets of each encoding (default 0), e.g. the texts' positions
                 in their concatenation.
 
@@ -222,11 +227,19 @@ class TextTokenizer:
         """
         if not self.has_piece_offsets:
             raise ValueError(f"{self.path}: offsets cannot be computed from ids for this tokenizer")
-        chars, width = self._piece_tables
+        chars, width, prepend = self._piece_tables
         ids = np.asarray(ids)
         counts = np.asarray(counts, dtype=np.int64)
         k = len(counts)
-        c = chars[ids]
+        text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=k)
+        if prepend == "never":
+            expected = np.zeros(k, dtype=np.int64)
+        elif prepend == "nonempty":
+            expected = (text_lengths > 0).astype(np.int64)
+        else:  # Metaspace: not before a leading space (which becomes the "\u2581")
+            expected = np.fromiter((t[:1] not in ("", " ", _SPACE) for t in texts), dtype=np.int64, count=k)
+        c = chars[np.minimum(ids, len(chars) - 1)]
+        c[ids >= len(chars)] = -1
         neg = c < 0
         bad = np.zeros(k, dtype=bool)
         if neg.any():  # an added token or <unk>: this encoding's offsets are not computed here
@@ -237,13 +250,13 @@ class TextTokenizer:
         np.cumsum(c, out=cum[1:])
         first = np.cumsum(counts) - counts
         before = cum[first]
-        shift = cum[first + counts] - before - np.asarray(text_lengths, dtype=np.int64)
-        ok = ~bad & ((shift == 0) | (shift == 1))
+        shift = cum[first + counts] - before - text_lengths
+        ok = ~bad & (shift == expected)  # a character dropped (no byte fallback, no <unk>) fails this
         base = np.zeros(k, dtype=np.int64) if base is None else np.asarray(base, dtype=np.int64)
         ends = cum[1:] - np.repeat(before + shift - base, counts)
         head = first[(counts > 0) & (shift == 1)]
         ends[head] = np.maximum(ends[head], base[(counts > 0) & (shift == 1)] + 1)  # a prepended "\u2581"
-        starts = ends - width[ids]  # alone is aligned with the first character
+        starts = ends - width[np.minimum(ids, len(width) - 1)]  # alone is aligned with the first character
         nz = first[counts > 0]  # only a first token can start before its text (the prepended "\u2581")
         starts[nz] = np.maximum(starts[nz], base[counts > 0])
         return starts, ends, ok
@@ -278,9 +291,10 @@ def literal_union_regex(texts) -> re.Pattern:
     return re.compile(build(trie))
 
 
-def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(chars, width)`` int64 ``[vocab]`` for :meth:`TextTokenizer.piece_offsets`, or None when the tokenizer is
-    not of the kind it handles or fails the :data:`_PROBES` check. ``chars`` is -1 for added tokens and ``<unk>``."""
+def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """``(chars, width)`` int32 ``[highest id + 1]`` and the prepend rule (``unless_space``, ``nonempty`` or
+    ``never``) for :meth:`TextTokenizer.piece_offsets`, or None when the tokenizer is not of the kind it handles or
+    fails the :data:`_PROBES` check. ``chars`` is -1 for added tokens, ``<unk>`` and ids the vocabulary skips."""
     from tokenizers import models
 
     model = tok._tok.model
@@ -298,28 +312,30 @@ def _piece_tables(tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray] | None:
         {"type": "Prepend", "prepend": _SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE}]
     if not ((norm is None and metaspace) or legacy):
         return None
-    size = tok._tok.get_vocab_size(with_added_tokens=True)
+    prepend = "nonempty" if legacy else ("never" if pre["prepend_scheme"] == "never" else "unless_space")
+    vocab = tok._tok.get_vocab(with_added_tokens=True)
+    size = max(vocab.values(), default=-1) + 1  # ids need not be contiguous
     chars = np.full(size, -1, dtype=np.int32)
     width = np.zeros(size, dtype=np.int32)
     added = set(tok._tok.get_added_tokens_decoder())
     unk = tok._tok.token_to_id(model.unk_token) if model.unk_token else None
     for piece, i in tok._tok.get_vocab(with_added_tokens=False).items():
-        if i in added or i == unk or i >= size:
+        if i in added or i == unk:
             continue
         m = _BYTE_PIECE.match(piece) if model.byte_fallback else None
         if m:
             chars[i], width[i] = (0 if int(m.group(1), 16) & 0xC0 == 0x80 else 1), 1
         else:
             chars[i] = width[i] = len(piece)
-    tok._piece_tables = (chars, width)
+    tok._piece_tables = (chars, width, prepend)
     encs = tok._tok.encode_batch(list(_PROBES), add_special_tokens=False)
     flat = np.asarray([i for e in encs for i in e.ids], dtype=np.int64)
-    starts, ends, ok = tok.piece_offsets(flat, [len(e) for e in encs], [len(t) for t in _PROBES])
+    starts, ends, ok = tok.piece_offsets(flat, [len(e) for e in encs], list(_PROBES))
     want = [o for e in encs for o in e.offsets]
     tok._piece_tables = None
     if not ok.all() or list(zip(starts.tolist(), ends.tolist())) != [tuple(o) for o in want]:
         return None
-    return chars, width
+    return chars, width, prepend
 
 
 def train_sentencepiece(text_lines, out_dir: str | os.PathLike, vocab_size: int = 1024, seed: int = 0) -> Path:
