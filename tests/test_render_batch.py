@@ -181,6 +181,10 @@ def _assert_piece_offsets_exact(tok, texts):
             assert got == [tuple(o) for o in e.offsets], text
         pos += n
     assert ids_equal(tok, texts)
+    # placed one after another (what the batch labelling searches), the offsets never decrease
+    lengths = np.asarray([len(t) for t in texts])
+    placed = tok.piece_offsets(flat, [len(e) for e in encs], texts, np.cumsum(lengths + 1) - (lengths + 1))
+    assert (np.diff(placed[0]) >= 0).all() and (np.diff(placed[1]) >= 0).all()
     return int(ok.sum())
 
 
