@@ -345,14 +345,15 @@ def test_jsonl_blocks_cut_records_not_lines_and_keep_line_numbers(tmp_path, size
     blank lines keep their numbers, and a cap counts records, exactly as reading line by line would."""
     import itertools
 
-    from itune.data.pipeline import _jsonl_blocks
-    from itune.data.sources import iter_jsonl_lines
+    from itune.data.sources import jsonl_blocks
 
     f = tmp_path / "blanks.jsonl"
     f.write_bytes(b"\xef\xbb\xbf{\"a\": 1}\n\n  \n{\"a\": 2}\n{\"a\": 3}\n\t\n{\"a\": 4}\n{\"a\": 5}\n{\"a\": 6}\n\n"
                   b"{\"a\": 7}\n   ")
-    want = list(itertools.islice(((loc, (raw, first), "raw") for loc, raw, first in iter_jsonl_lines(f)), cap))
-    blocks = list(_jsonl_blocks(f, size, cap))
+    plain = [(f"{f}:{n}", (raw, n == 1), "raw") for n, raw in enumerate(f.read_bytes().splitlines(True), 1)
+             if raw.strip()]  # line by line, blank lines skipped
+    want = list(itertools.islice(plain, cap))
+    blocks = list(jsonl_blocks(f, size, cap))
     got = [item for b in blocks for item in b.items()]
     assert got == want and len(want) == min(7, 100 if cap is None else cap)
     assert [len(b.items()) for b in blocks] == [min(size, len(want) - i) for i in range(0, len(want), size)]

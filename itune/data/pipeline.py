@@ -49,8 +49,8 @@ from itune import __version__
 from itune.data import pack, shards
 from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS, IGNORE_INDEX, \
     render_flat, render_prompt
-from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, RecordError, decode_jsonl_line, is_json_array,
-                                iter_records, parse_record, read_superni_task)
+from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, LineBlock, RecordError, decode_jsonl_line,
+                                is_json_array, iter_records, jsonl_blocks, parse_record, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, DataFormatError, ManifestError, WorkerError
@@ -140,46 +140,6 @@ def template_fingerprint(templates: list[str], tok: TextTokenizer) -> str:
 # Chunks and the worker function
 # ---------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class LineBlock:
-    """The undecoded lines of one chunk of a JSONL file: ``lines[i]`` is line ``first_line + i`` of ``path``.
-    Blank lines are kept (so line numbers stay exact) and skipped by :meth:`items`, in the worker: the reading
-    process only splits the file into lines."""
-
-    path: str
-    first_line: int
-    lines: list
-
-    def items(self) -> list:
-        """``(location, (raw line, is first line), "raw")`` for each non-blank line (see :func:`iter_chunks`)."""
-        return [(f"{self.path}:{n}", (raw, n == 1), "raw")
-                for n, raw in enumerate(self.lines, self.first_line) if not raw.isspace()]
-
-
-def _jsonl_blocks(path: Path, size: int, cap: int | None):
-    """:class:`LineBlock` of ``size`` non-blank lines each (the last may hold fewer), at most ``cap`` non-blank
-    lines in all."""
-    left = cap  # None: no limit
-    with open(path, "rb") as f:
-        lineno = 1
-        while left is None or left > 0:
-            want = size if left is None else min(size, left)
-            lines, got = [], 0
-            for raw in f:
-                lines.append(raw)
-                if not raw.isspace():
-                    got += 1
-                    if got == want:
-                        break
-            if got:
-                yield LineBlock(str(path), lineno, lines)
-            if got < want:  # end of the file
-                return
-            lineno += len(lines)
-            if left is not None:
-                left -= got
-
-
 def iter_chunks(plan: PipelinePlan):
     """Yields ``(chunk index, source index, items)``: ``plan.chunk_records`` records of one source (fewer at the
     end of a source). ``items`` is a :class:`LineBlock` for a JSONL file, else a list of ``(location, payload,
@@ -190,7 +150,7 @@ def iter_chunks(plan: PipelinePlan):
         path = Path(spec.path)
         if spec.format != "superni" and path.suffix.lower() not in PARQUET_SUFFIXES + ARROW_SUFFIXES \
                 and not is_json_array(path):
-            for block in _jsonl_blocks(path, plan.chunk_records, spec.cap):
+            for block in jsonl_blocks(path, plan.chunk_records, spec.cap):
                 yield k, si, block
                 k += 1
             continue
@@ -628,7 +588,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dir
         sel: indices into ``meta`` of the examples to write (repeats allowed), in their global order.
         meta: per example ``length``, ``trainable``, ``slice``, ``offset`` (arrays), ``task_code``, ``id``.
         dirs: the slice directories (``meta["slice"]`` indexes them; tokens are read from their ``tokens.bin``).
-        pool, procs: a ``multiprocessing`` pool of ``procs - 1`` processes that write shards too (shard s is
+        pool, procs: a ``ProcessPoolExecutor`` of ``procs - 1`` processes that write shards too (shard s is
             written by this process when ``s % procs == 0``); the files are the same without it.
 
     Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.

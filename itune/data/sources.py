@@ -365,13 +365,52 @@ def _iter_json_records(path: Path):
             yield loc, rec
 
 
+@dataclass
+class LineBlock:
+    """The undecoded lines of one chunk of a JSONL file: ``lines[i]`` is line ``first_line + i`` of ``path``.
+    Blank lines are kept (so line numbers stay exact) and skipped by :meth:`items`, in the worker: the reading
+    process only splits the file into lines."""
+
+    path: str
+    first_line: int
+    lines: list
+
+    def items(self) -> list:
+        """``(location, (raw line, is first line), "raw")`` for each non-blank line (the items of :func:`itune.data.pipeline.iter_chunks`)."""
+        return [(f"{self.path}:{n}", (raw, n == 1), "raw")
+                for n, raw in enumerate(self.lines, self.first_line) if not raw.isspace()]
+
+
+def jsonl_blocks(path: Path, size: int, cap: int | None):
+    """:class:`LineBlock` of ``size`` non-blank lines each (the last may hold fewer), at most ``cap`` non-blank
+    lines in all."""
+    left = cap  # None: no limit
+    with open(path, "rb") as f:
+        lineno = 1
+        while left is None or left > 0:
+            want = size if left is None else min(size, left)
+            lines, got = [], 0
+            for raw in f:
+                lines.append(raw)
+                if not raw.isspace():
+                    got += 1
+                    if got == want:
+                        break
+            if got:
+                yield LineBlock(str(path), lineno, lines)
+            if got < want:  # end of the file
+                return
+            lineno += len(lines)
+            if left is not None:
+                left -= got
+
+
 def iter_jsonl_lines(path: Path):
     """Yields ``(location, raw line bytes, is first line)`` for every non-blank line of a JSONL file, undecoded
     (decoding is left to :func:`decode_jsonl_line`, e.g. in a worker process)."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield f"{path}:{lineno}", raw, lineno == 1
+    for block in jsonl_blocks(path, 1024, None):
+        for loc, (raw, first), _ in block.items():
+            yield loc, raw, first
 
 
 def _iter_arrow_records(path: Path):

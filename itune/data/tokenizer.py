@@ -233,8 +233,7 @@ class TextTokenizer:
             expected = (text_lengths > 0).astype(np.int64)
         else:  # Metaspace: not before a leading space (which becomes the "\u2581")
             expected = np.fromiter((t[:1] not in ("", " ", _SPACE) for t in texts), dtype=np.int64, count=k)
-        c = chars[np.minimum(ids, len(chars) - 1)]
-        c[ids >= len(chars)] = -1
+        c = chars[ids]  # the tables cover every id, added tokens included
         neg = c < 0
         bad = np.zeros(k, dtype=bool)
         if neg.any():  # an added token or <unk>: this encoding's offsets are not computed here
@@ -251,7 +250,7 @@ class TextTokenizer:
         ends = cum[1:] - np.repeat(before + shift - base, counts)
         head = first[(counts > 0) & (shift == 1)]
         ends[head] = np.maximum(ends[head], base[(counts > 0) & (shift == 1)] + 1)  # a prepended "\u2581"
-        starts = ends - width[np.minimum(ids, len(width) - 1)]  # alone is aligned with the first character
+        starts = ends - width[ids]  # alone is aligned with the first character
         nz = first[counts > 0]  # only a first token can start before its text (the prepended "\u2581")
         starts[nz] = np.maximum(starts[nz], base[counts > 0])
         if not ok.all():  # offsets of an encoding not ok are meaningless: all set to its base, so that the
