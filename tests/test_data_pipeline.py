@@ -269,9 +269,79 @@ def test_token_reader_reopens_past_its_open_file_limit(tmp_path):
         ids, labels = unpack_tokens(r.read(sl, 3, 4))
         assert ids.tolist() == [10 * sl + 3 + i for i in range(4)]
         assert labels.tolist() == (ids.tolist() if sl % 2 else [X] * 4)
-        assert len(r.fds) <= 2
+        assert len(r.maps) <= 2
     r.close()
-    assert r.fds == {}
+    assert r.maps == {}
+
+
+def test_token_reader_gathers_from_several_slices_in_one_call(tmp_path):
+    """One gather call mixing slices returns the tokens in the requested order; a file shorter than an example's
+    end is named."""
+    from itune.data.pipeline import _TokenReader
+
+    dirs = []
+    for k in range(3):
+        d = tmp_path / f"s{k}"
+        d.mkdir()
+        (d / "tokens.bin").write_bytes(np.arange(1000 * k, 1000 * k + 50, dtype=np.uint32).tobytes())
+        dirs.append(d)
+    r = _TokenReader(dirs)
+    got = r.gather(np.array([2, 0, 2, 1]), np.array([5, 0, 40, 49]), np.array([3, 2, 10, 1]))
+    assert got.dtype == np.uint32
+    assert got.tolist() == [2005, 2006, 2007, 0, 1] + list(range(2040, 2050)) + [1049]
+    assert r.gather(np.array([1]), np.array([7]), np.array([0])).tolist() == []
+    with pytest.raises(ManifestError, match=r"s1/tokens.bin: 8 bytes short at token 50"):
+        r.gather(np.array([0, 1]), np.array([0, 49]), np.array([1, 3]))
+    r.close()
+
+
+def test_arrow_helpers_equal_pyarrow_conversions():
+    """The data path's numpy <-> Arrow conversions (which skip pyarrow's pandas import) give pyarrow's own
+    results, and refuse what they cannot represent."""
+    import pyarrow as pa
+
+    from itune.data.shards import arrow_to_numpy, numpy_to_arrow, strings_to_arrow
+
+    for dtype in (np.int8, np.int32, np.int64, np.uint32, np.float64):
+        a = np.arange(-3, 7).astype(dtype)[::2]  # a strided view: copied to contiguous memory first
+        assert numpy_to_arrow(a).equals(pa.array(a))
+        assert numpy_to_arrow(a).type == pa.from_numpy_dtype(np.dtype(dtype))
+    assert numpy_to_arrow(np.zeros(0, np.int32)).equals(pa.array(np.zeros(0, np.int32)))
+    with pytest.raises(ValueError, match="1-D numeric"):
+        numpy_to_arrow(np.zeros(3, bool))
+    with pytest.raises(ValueError, match="1-D numeric"):
+        numpy_to_arrow(np.zeros((2, 2), np.int32))
+    words = ["", "a", "héllo", "日本語", "x" * 1000, "😀"]
+    assert strings_to_arrow(words).equals(pa.array(words, pa.string()))
+    assert strings_to_arrow([]).equals(pa.array([], pa.string()))
+    with pytest.raises(UnicodeEncodeError):
+        strings_to_arrow(["ok", "\ud800"])
+    col = pa.chunked_array([pa.array([1, 2, 3], pa.int64()), pa.array([4, 5], pa.int64())])
+    assert arrow_to_numpy(col).tolist() == [1, 2, 3, 4, 5] and arrow_to_numpy(col).dtype == np.int64
+    sliced = pa.array(np.arange(10, dtype=np.int32)).slice(3, 4)
+    assert arrow_to_numpy(sliced).tolist() == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="without nulls"):
+        arrow_to_numpy(pa.array([1, None, 3]))
+    with pytest.raises(ValueError, match="without nulls"):
+        arrow_to_numpy(pa.array(["a"]))
+
+
+def test_preparation_does_not_import_pandas(tmp_path):
+    """pyarrow's first pa.array / to_numpy call imports pandas (0.2 to 0.3 s of CPU per process) when it is
+    installed, as it is here (datasets depends on it); preparation, merge and verify never make one."""
+    import subprocess
+    import sys
+
+    f = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(300)])
+    code = ("import sys\n"
+            "from data_tools.cli import main\n"
+            f"rc = main(['prepare', '--input', {str(f)!r}, '--tokenizer', {str(MISTRAL)!r}, '--seq-len', '64', "
+            f"'--num-proc', '2', '--max-rows-per-shard', '40', '--out', {str(tmp_path / 'o')!r}])\n"
+            f"rc |= main(['verify', {str(tmp_path / 'o')!r}])\n"
+            "print('rc', rc, 'pandas', 'pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "rc 0 pandas False", out.stdout + out.stderr
+    assert len(read_manifest(tmp_path / "o")["splits"]["train"]["shards"]) > 1  # several shard writers ran
 
 
 def test_workers_get_chunks_not_the_dataset(tmp_path):

@@ -202,7 +202,7 @@ def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
     calls = {"encode": 0, "render": 0}
     encode = type(mistral_tokenizer).encode_with_offsets
     encode_batch = type(mistral_tokenizer).encode_batch
-    encode_batch_ids = type(mistral_tokenizer).encode_batch_ids
+    encode_batch_flat = type(mistral_tokenizer).encode_batch_flat
     apply = render_mod.apply_chat_template
 
     def counting_encode(self, text, *a):
@@ -213,9 +213,9 @@ def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
         calls["encode"] += len(texts)
         return encode_batch(self, texts, *a)
 
-    def counting_encode_batch_ids(self, texts, *a):
+    def counting_encode_batch_flat(self, texts, *a):
         calls["encode"] += len(texts)
-        return encode_batch_ids(self, texts, *a)
+        return encode_batch_flat(self, texts, *a)
 
     def counting_apply(*a, **k):
         calls["render"] += 1
@@ -223,7 +223,7 @@ def test_rendering_is_linear_in_turns(mistral_tokenizer, monkeypatch):
 
     monkeypatch.setattr(type(mistral_tokenizer), "encode_with_offsets", counting_encode)
     monkeypatch.setattr(type(mistral_tokenizer), "encode_batch", counting_encode_batch)
-    monkeypatch.setattr(type(mistral_tokenizer), "encode_batch_ids", counting_encode_batch_ids)
+    monkeypatch.setattr(type(mistral_tokenizer), "encode_batch_flat", counting_encode_batch_flat)
     monkeypatch.setattr(render_mod, "apply_chat_template", counting_apply)
     turns = []
     for i in range(200):

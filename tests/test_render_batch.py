@@ -189,7 +189,10 @@ def _assert_piece_offsets_exact(tok, texts):
 
 
 def ids_equal(tok, texts) -> bool:
-    return tok.encode_batch_ids(texts) == [e.ids for e in tok.encode_batch(texts)]
+    flat, counts = tok.encode_batch_flat(texts)
+    expected = [e.ids for e in tok.encode_batch(texts)]
+    return flat.dtype == np.int32 and counts.tolist() == [len(x) for x in expected] and \
+        flat.tolist() == [i for x in expected for i in x]
 
 
 def test_offsets_from_ids_equal_the_tokenizers_offsets(mistral_tokenizer, tmp_path):

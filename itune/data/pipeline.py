@@ -29,6 +29,7 @@ import gc
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing as mp
 import os
 import random
@@ -49,6 +50,7 @@ from itune import __version__
 from itune.data import pack, shards
 from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS, IGNORE_INDEX, \
     render_flat, render_prompt
+from itune.data.shards import arrow_to_numpy as _to_np, numpy_to_arrow as _np, strings_to_arrow as _str
 from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, LineBlock, RecordError, decode_jsonl_line,
                                 is_json_array, iter_records, jsonl_blocks, parse_record, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
@@ -378,10 +380,9 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             offsets = offset + np.concatenate([[0], np.cumsum(res["lengths"], dtype=np.int64)[:-1]]) if n else []
             offset += int(res["lengths"].sum())
             ex_w.write_batch(pa.record_batch([
-                pa.array(np.full(n, res["chunk"], np.int32)), pa.array(np.full(n, res["source"], np.int32)),
-                pa.array(res["lengths"]), pa.array(res["trainable"]), pa.array(np.asarray(offsets, np.int64)),
-                pa.array(res["tasks"], pa.string()), pa.array(res["example_ids"], pa.string())],
-                schema=EXAMPLES_SCHEMA))
+                _np(np.full(n, res["chunk"], np.int32)), _np(np.full(n, res["source"], np.int32)),
+                _np(res["lengths"]), _np(res["trainable"]), _np(np.asarray(offsets, np.int64)),
+                _str(res["tasks"]), _str(res["example_ids"])], schema=EXAMPLES_SCHEMA))
             for r in res["rejects"]:
                 f_rej.write(json.dumps(r, ensure_ascii=False) + "\n")
             for r in res["eval"]:
@@ -483,34 +484,57 @@ def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Gene
 
 
 class _TokenReader:
-    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` with ``preadv``
-    straight into the output array (nothing mapped, so memory stays bounded). At most ``max_open`` slices have an
-    open file at a time (a job array may have thousands of slices)."""
+    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` through read-only
+    memory maps, one numpy gather per slice and call. After each call the mapped pages are released
+    (``madvise(MADV_DONTNEED)``; the file stays in the page cache), so the process holds at most the pages one call
+    touched, not the files. At most ``max_open`` slices are mapped at a time (a job array may have thousands)."""
 
     def __init__(self, dirs: list[Path], max_open: int = 128):
-        self.dirs, self.max_open, self.fds = dirs, max_open, {}
+        self.dirs, self.max_open, self.maps = dirs, max_open, {}
 
-    def _fd(self, sl: int) -> int:
-        fd = self.fds.get(sl)
-        if fd is None:
-            if len(self.fds) >= self.max_open:
+    def _map(self, sl: int):
+        """``(mmap, tokens)`` of slice ``sl``'s ``tokens.bin``; the mmap is None for an empty file."""
+        got = self.maps.get(sl)
+        if got is None:
+            if len(self.maps) >= self.max_open:
                 self.close()
-            fd = self.fds[sl] = os.open(self.dirs[sl] / "tokens.bin", os.O_RDONLY)
-        return fd
+            with open(self.dirs[sl] / "tokens.bin", "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+            got = self.maps[sl] = (mm, size // 4)
+        return got
 
     def gather(self, slices: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """uint32 ``[sum(lengths)]``: the stored tokens of examples ``k`` (``lengths[k]`` tokens from token
-        ``offsets[k]`` of slice ``slices[k]``), concatenated in the given order (one ``preadv`` per example)."""
-        lengths = [int(n) for n in lengths]
-        out = np.empty(sum(lengths), dtype=np.uint32)
-        view = memoryview(out).cast("B")
-        pos = 0
-        for sl, off, n in zip(np.asarray(slices).tolist(), np.asarray(offsets).tolist(), lengths):
-            got = os.preadv(self._fd(sl), [view[pos:pos + 4 * n]], 4 * off)
-            if got != 4 * n:
-                raise ManifestError(f"{self.dirs[sl] / 'tokens.bin'}: {4 * n - got} bytes short at token {off}; "
-                                    "prepare this slice again")
-            pos += 4 * n
+        ``offsets[k]`` of slice ``slices[k]``), concatenated in the given order.
+
+        Raises:
+            ManifestError: a ``tokens.bin`` is shorter than an example's end (a damaged slice).
+        """
+        slices, offsets = np.asarray(slices, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        total = int(lengths.sum())
+        out = np.empty(total, dtype=np.uint32)
+        if total == 0:
+            return out
+        # source index of every output token: its example's offset + its index within the example
+        src = np.repeat(offsets - (np.cumsum(lengths) - lengths), lengths) + np.arange(total, dtype=np.int64)
+        present = np.unique(slices)
+        per_token = np.repeat(slices, lengths) if len(present) > 1 else None
+        for sl in present.tolist():
+            mm, size = self._map(sl)
+            at = None if per_token is None else per_token == sl
+            end = int((offsets + lengths).max() if at is None else (offsets + lengths)[slices == sl].max())
+            if end > size:
+                raise ManifestError(f"{self.dirs[sl] / 'tokens.bin'}: {4 * (end - size)} bytes short at token "
+                                    f"{size}; prepare this slice again")
+            view = np.frombuffer(mm, dtype=np.uint32, count=size)  # mm is not None: end > 0
+            if at is None:
+                np.take(view, src, out=out)
+            else:
+                out[at] = view[src[at]]
+            del view  # an mmap cannot be closed while a view of it exists
+            mm.madvise(mmap.MADV_DONTNEED)
         return out
 
     def read(self, sl: int, offset: int, length: int) -> np.ndarray:
@@ -518,9 +542,10 @@ class _TokenReader:
         return self.gather([sl], [offset], [length])
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for mm, _ in self.maps.values():
+            if mm is not None:
+                mm.close()
+        self.maps.clear()
 
 
 def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
@@ -564,13 +589,13 @@ def _write_shard(job: dict) -> dict:
                 # positions restart per example; the padding tail counts 0, 1, ... from the row's fill
                 position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - fill[:, None]).reshape(-1)
                 input_ids[dest], labels[dest], position_ids[dest] = ids, labs, within
-                fixed = pa.array(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
-                counts = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
-                cols = [pa.ListArray.from_arrays(fixed, pa.array(input_ids)),
-                        pa.ListArray.from_arrays(fixed, pa.array(labels)),
-                        pa.ListArray.from_arrays(fixed, pa.array(position_ids.astype(np.int32))),
-                        pa.ListArray.from_arrays(counts, pa.array(lens.astype(np.int32))),
-                        pa.ListArray.from_arrays(counts, job["id"].take(pa.array(np.arange(e0, e1))))]
+                fixed = _np(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
+                counts = _np(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+                cols = [pa.ListArray.from_arrays(fixed, _np(input_ids)),
+                        pa.ListArray.from_arrays(fixed, _np(labels)),
+                        pa.ListArray.from_arrays(fixed, _np(position_ids.astype(np.int32))),
+                        pa.ListArray.from_arrays(counts, _np(lens.astype(np.int32))),
+                        pa.ListArray.from_arrays(counts, job["id"].take(_np(np.arange(e0, e1))))]
                 writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
     finally:
         reader.close()
@@ -613,7 +638,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dir
                 "seq_len": seq_len, "pad_id": pad_id,
                 "per_row": np.fromiter(map(len, part), dtype=np.int64, count=len(part)),
                 "length": meta["length"][g].astype(np.int64), "slice": meta["slice"][g].astype(np.int64),
-                "offset": meta["offset"][g].astype(np.int64), "id": meta["id"].take(pa.array(g))}
+                "offset": meta["offset"][g].astype(np.int64), "id": meta["id"].take(_np(g))}
 
     procs = 1 if pool is None else max(1, min(procs, num_shards))
     theirs = [pool.submit(_write_shard, job(s)) for s in range(num_shards) if s % procs] if procs > 1 else []
@@ -689,13 +714,13 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
     tables = []
     for sl, d in enumerate(dirs):
         t = pa.ipc.open_stream(pa.memory_map(str(d / "examples.arrow"), "r")).read_all()
-        tables.append(t.append_column("slice", pa.array(np.full(t.num_rows, sl, np.int32))))
+        tables.append(t.append_column("slice", _np(np.full(t.num_rows, sl, np.int32))))
     table = pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
-    order = np.argsort(table["chunk"].to_numpy(), kind="stable")  # chunk order = single-process order
-    table = table.take(pa.array(order))
-    meta = {k: table[k].to_numpy() for k in ("source", "length", "trainable", "offset", "slice")}
+    order = np.argsort(_to_np(table["chunk"]), kind="stable")  # chunk order = single-process order
+    table = table.take(_np(order))
+    meta = {k: _to_np(table[k]) for k in ("source", "length", "trainable", "offset", "slice")}
     tasks = pc.dictionary_encode(table["task"].combine_chunks())
-    meta["task_code"] = tasks.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    meta["task_code"] = _to_np(tasks.indices).astype(np.int64)
     meta["task_names"] = tasks.dictionary.to_pylist()
     meta["id"] = table["id"].combine_chunks()  # Arrow strings, taken per batch of rows
     del table, tables, tasks

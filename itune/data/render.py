@@ -42,7 +42,6 @@ EOS / end-of-turn token; system and user turns and role headers never are.
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import re
 from collections import Counter
@@ -424,9 +423,7 @@ def _tokenize_layouts(layouts: list, tok: TextTokenizer, from_ids: bool) -> tupl
         return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]),
                 np.fromiter((len(a) for a, _ in parts), dtype=np.int64, count=len(parts)))
     texts = [t for t, _, _ in layouts]
-    id_lists = tok.encode_batch_ids(texts)
-    counts = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(counts.sum()))
+    flat, counts = tok.encode_batch_flat(texts)
     text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     base = np.cumsum(text_lengths + 1) - (text_lengths + 1)  # each text's place in their concatenation
     starts, ends, ok = tok.piece_offsets(flat, counts, texts, base)
