@@ -138,3 +138,31 @@ def test_verify_detects_tampering(tmp_path):
     data[-200] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert any("checksum" in p for p in verify(out))
+
+
+def test_verify_checks_row_lengths_and_example_counts(tmp_path):
+    """A shard whose checksum matches the manifest but whose rows are not seq_len long, or whose example count
+    disagrees with the manifest, is reported (verify reads the list columns' offsets)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from itune.data.shards import SCHEMA
+
+    _tiny_superni(tmp_path / "sn", [{"id": str(i), "input": f"x{i}", "output": [f"y{i}"]} for i in range(3)])
+    out = tmp_path / "out"
+    prepare_superni(PrepareOptions(tmp_path / "sn", MISTRAL, out, seq_len=64))
+    assert verify(out) == []
+    m = read_manifest(out)
+    entry = m["splits"]["train"]["shards"][0]
+    t = pa.ipc.open_stream(pa.memory_map(str(out / entry["file"]), "r")).read_all()
+    cut = {k: [r[:-1] for r in t[k].to_pylist()] for k in ("input_ids", "labels", "position_ids")}
+    short = pa.table({k: cut.get(k, t[k].to_pylist()) for k in SCHEMA.names}, schema=SCHEMA)
+    with pa.OSFile(str(out / entry["file"]), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
+        w.write_table(short)
+    entry["sha256"] = hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+    m["splits"]["train"]["examples"] += 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    n = m["splits"]["train"]["examples"]
+    assert verify(out) == ["train: rows whose length is not seq_len 64",
+                           f"train: {n - 1} examples in rows, manifest says {n}"]

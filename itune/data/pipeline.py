@@ -178,12 +178,15 @@ def iter_chunks(plan: PipelinePlan):
 _WORKER: dict = {}
 
 
-def _init_worker(plan: PipelinePlan, parallel_tokenizer: bool) -> None:
+def _init_worker(plan: PipelinePlan, parallel_tokenizer: bool, tok: TextTokenizer | None = None) -> None:
+    """Sets up a worker (or the main process with ``parallel_tokenizer``). ``tok``: the plan's tokenizer when the
+    caller has it loaded; a forked worker inherits it (nothing is pickled) instead of loading it again."""
     if not parallel_tokenizer:  # a worker process: one core each; Ctrl-C is handled by the main process alone,
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # which then terminates the pool (no half-dead workers)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.clear()
-    _WORKER.update(plan=plan, tok=TextTokenizer.load(plan.tokenizer), heldout=set(plan.heldout_tasks))
+    _WORKER.update(plan=plan, tok=tok if tok is not None else TextTokenizer.load(plan.tokenizer),
+                   heldout=set(plan.heldout_tasks))
 
 
 def process_chunk(job) -> dict:
@@ -312,15 +315,16 @@ def slice_dir(out_dir: Path, index: int, num_slices: int) -> Path:
     return Path(out_dir) / SLICES_DIR / f"slice-{index:05d}-of-{num_slices:05d}"
 
 
-def _ordered_results(jobs, num_proc: int, plan: PipelinePlan):
-    """Results of :func:`process_chunk` in job order; at most ``2 * num_proc`` jobs in flight (bounded memory)."""
+def _ordered_results(jobs, num_proc: int, plan: PipelinePlan, tok: TextTokenizer | None = None):
+    """Results of :func:`process_chunk` in job order; at most ``2 * num_proc`` jobs in flight (bounded memory).
+    ``tok``: the plan's tokenizer if already loaded (see :func:`_init_worker`)."""
     if num_proc <= 1:
-        _init_worker(plan, parallel_tokenizer=True)
+        _init_worker(plan, True, tok)
         for job in jobs:
             yield process_chunk(job)
         return
     pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                               initargs=(plan, False))
+                               initargs=(plan, False, tok))
     pending: collections.deque = collections.deque()
     try:
         for job in jobs:
@@ -344,8 +348,10 @@ def _result(future, who: str):
                           "then run the same command again") from e
 
 
-def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int = 1) -> dict:
+def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int = 1,
+                  tok: TextTokenizer | None = None) -> dict:
     """Processes the chunks of slice ``index`` (``chunk % plan.num_slices == index``) into its slice directory.
+    ``tok``: ``plan.tokenizer`` already loaded by the caller, or None to load it.
 
     Returns:
         The slice summary (also ``slice.json``, written last).
@@ -366,7 +372,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             open(d / "rejects.jsonl", "w", encoding="utf-8") as f_rej, \
             open(d / "eval.jsonl", "w", encoding="utf-8") as f_eval, \
             pa.OSFile(str(d / "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, EXAMPLES_SCHEMA) as ex_w:
-        for res in _ordered_results(jobs, num_proc, plan):
+        for res in _ordered_results(jobs, num_proc, plan, tok):
             if res["error"] is not None:
                 raise DataFormatError(res["error"])
             s = per_source[res["source"]]

@@ -65,8 +65,9 @@ class PrepareOptions:
     keep_slices: bool = False
 
 
-def _run(plan, opts, shard_index: int, num_shards: int, t0: float) -> dict:
+def _run(plan, opts, shard_index: int, num_shards: int, t0: float, tok: TextTokenizer | None = None) -> dict:
     """Prepares slice ``shard_index`` of ``num_shards`` into ``opts.out_dir``; with one slice, merges it too.
+    ``tok``: the plan's tokenizer, already loaded (the workers inherit it instead of loading it again).
 
     Returns:
         The manifest, or with ``num_shards`` > 1 the slice summary (``itune-data merge`` writes the manifest).
@@ -77,7 +78,7 @@ def _run(plan, opts, shard_index: int, num_shards: int, t0: float) -> dict:
     (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
     if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
         clear_outputs(opts.out_dir, slices=True)
-    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc)
+    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc, tok)
     if num_shards > 1:
         return summary
     return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0, num_proc=opts.num_proc)
@@ -157,7 +158,7 @@ def prepare_superni(opts: PrepareOptions) -> dict:
         source_kind={"kind": "superni", "path": str(opts.superni_dir), **sn,
                      "max_instances_per_task": opts.max_instances_per_task},
         extra_manifest={"prompt_format": "tk_instruct"})
-    return _run(plan, opts, shard_index, num_shards, t0)
+    return _run(plan, opts, shard_index, num_shards, t0, tok)
 
 
 @dataclass
@@ -427,4 +428,4 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
                      "task_field": opts.task_field, "on_error": opts.on_error,
                      "max_bad_fraction": opts.max_bad_fraction})
-    return _run(plan, opts, shard_index, num_shards, t0)
+    return _run(plan, opts, shard_index, num_shards, t0, tok)
