@@ -295,6 +295,64 @@ def test_token_reader_gathers_from_several_slices_in_one_call(tmp_path):
     r.close()
 
 
+def test_shard_rows_equal_a_plain_layout(tmp_path):
+    """_write_shard's vectorised rows equal rows built one token at a time: examples back to back from position
+    0 (ids, trained labels, positions restarting per example), then padding (pad id, -100, positions from 0);
+    a row filled exactly has no padding run; batches of rows are cut at WRITE_BATCH_ROWS."""
+    import pyarrow as pa
+
+    from itune.data import pipeline
+    from itune.data.pipeline import _write_shard, pack_tokens
+
+    rng = np.random.default_rng(3)
+    seq_len, n = 16, 40
+    lengths = rng.integers(1, 9, n)
+    lengths[:2] = (seq_len, 10)  # a full row, and (with example 2, 6 tokens) another one
+    lengths[2] = 6
+    ids = rng.integers(3, 1000, int(lengths.sum())).astype(np.int32)
+    trained = rng.random(len(ids)) < 0.5
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tokens.bin").write_bytes(pack_tokens(ids, trained).tobytes())
+    offsets = np.cumsum(lengths) - lengths
+    rows, row, used = [], [], 0
+    for i in range(n):  # first fit in order: the row layout does not depend on how rows were chosen
+        if used + lengths[i] > seq_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += lengths[i]
+    rows.append(row)
+    order = rng.permutation(len(rows))  # rows in any order, examples in any order within the shard
+    rows = [rows[k] for k in order]
+    ex = np.array([i for r in rows for i in r])
+    job = {"path": str(tmp_path / "shard.arrow"), "dirs": [tmp_path / "s"], "seq_len": seq_len, "pad_id": 0,
+           "per_row": np.array([len(r) for r in rows]), "length": lengths[ex].astype(np.int64),
+           "slice": np.zeros(len(ex), np.int64), "offset": offsets[ex].astype(np.int64),
+           "id": pa.array([f"e{i}" for i in ex])}
+    old_batch = pipeline.WRITE_BATCH_ROWS
+    pipeline.WRITE_BATCH_ROWS = 3
+    try:
+        entry = _write_shard(job)
+    finally:
+        pipeline.WRITE_BATCH_ROWS = old_batch
+    t = pa.ipc.open_stream(pa.memory_map(job["path"], "r")).read_all()
+    assert entry["rows"] == t.num_rows == len(rows) and t.to_batches()[0].num_rows == 3
+    for k, r in enumerate(rows):
+        want_ids, want_labels, want_pos = [], [], []
+        for i in r:
+            span = range(offsets[i], offsets[i] + lengths[i])
+            want_ids += [int(ids[j]) for j in span]
+            want_labels += [int(ids[j]) if trained[j] else X for j in span]
+            want_pos += list(range(lengths[i]))
+        pad = seq_len - len(want_ids)
+        assert t["input_ids"][k].as_py() == want_ids + [0] * pad
+        assert t["labels"][k].as_py() == want_labels + [X] * pad
+        assert t["position_ids"][k].as_py() == want_pos + list(range(pad))
+        assert t["example_lengths"][k].as_py() == [int(lengths[i]) for i in r]
+        assert t["example_ids"][k].as_py() == [f"e{i}" for i in r]
+    assert any(sum(lengths[i] for i in r) == seq_len for r in rows)  # a row without padding was written
+
+
 def test_arrow_helpers_equal_pyarrow_conversions():
     """The data path's numpy <-> Arrow conversions (which skip pyarrow's pandas import) give pyarrow's own
     results, and refuse what they cannot represent."""

@@ -54,6 +54,7 @@ def test_rows_layout(prepared):
             assert labels[start + n - 1] == ids[start + n - 1] == 2
             start += n
         assert all(x == -100 for x in labels[start:])  # padding is never trained
+        assert pos[start:] == list(range(512 - start))  # the padding tail counts from 0 too
         tokens += start
     assert tokens == m["splits"]["train"]["tokens"]
     assert m["splits"]["train"]["packing_efficiency"] == round(tokens / (512 * t.num_rows), 6)

@@ -18,8 +18,8 @@ Why it is exact and bounded:
   of slices once merged.
 - A slice keeps tokens on disk. At most ``2 * num_proc`` chunks are in flight. The merge holds per-example
   metadata (about 40 bytes per example: length, trainable tokens, offsets, ids as Arrow) and one batch of
-  ``WRITE_BATCH_ROWS`` rows; tokens are read back with ``preadv``. Peak memory does not grow with the size of
-  the text, only with the number of examples, at that small rate.
+  ``WRITE_BATCH_ROWS`` rows; tokens are read back through memory maps whose pages are released after each batch.
+  Peak memory does not grow with the size of the text, only with the number of examples, at that small rate.
 """
 
 from __future__ import annotations
@@ -581,25 +581,28 @@ def _write_shard(job: dict) -> dict:
                 e0, e1 = int(first[b]), int(first[b + r])
                 lens = job["length"][e0:e1]
                 stored = reader.gather(job["slice"][e0:e1], job["offset"][e0:e1], lens)
-                # destination of every token: row * seq_len + (start of its example in the row) + (index in it)
-                row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)
-                ex_end = np.cumsum(lens)
-                row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, weights=lens, minlength=r))[:-1]])
-                start_in_row = ex_end - lens - row_start[row_of].astype(np.int64)
-                within = np.arange(len(stored), dtype=np.int64) - np.repeat(ex_end - lens, lens)
-                dest = np.repeat(row_of * seq_len + start_in_row, lens) + within
-                ids, labs = unpack_tokens(stored)
-                fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)
-                input_ids = np.full(r * seq_len, pad_id, dtype=np.int32)
-                labels = np.full(r * seq_len, IGNORE_INDEX, dtype=np.int32)
-                # positions restart per example; the padding tail counts 0, 1, ... from the row's fill
-                position_ids = (np.arange(seq_len, dtype=np.int64)[None, :] - fill[:, None]).reshape(-1)
-                input_ids[dest], labels[dest], position_ids[dest] = ids, labs, within
+                ids, labs = unpack_tokens(stored)  # the batch's examples one after another, in row order
+                row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)  # row of each example
+                fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)  # tokens per row
+                # a row holds its examples back to back from position 0, then padding: in row-major order the
+                # filled positions take the concatenated tokens as they are
+                filled = np.arange(seq_len, dtype=np.int64)[None, :] < fill[:, None]  # [r, seq_len]
+                input_ids = np.full((r, seq_len), pad_id, dtype=np.int32)
+                labels = np.full((r, seq_len), IGNORE_INDEX, dtype=np.int32)
+                input_ids[filled], labels[filled] = ids, labs
+                # positions restart at 0 for every example and for the padding tail: one run per example, then
+                # one (possibly empty) run of padding per row, each counting from its start
+                n_ex = len(lens)
+                runs = np.empty(n_ex + r, dtype=np.int64)
+                runs[np.arange(n_ex, dtype=np.int64) + row_of] = lens
+                runs[np.cumsum(per_row) + np.arange(r, dtype=np.int64)] = seq_len - fill
+                position_ids = (np.arange(r * seq_len, dtype=np.int64)
+                                - np.repeat(np.cumsum(runs) - runs, runs)).astype(np.int32)
                 fixed = _np(np.arange(0, (r + 1) * seq_len, seq_len, dtype=np.int32))
                 counts = _np(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
-                cols = [pa.ListArray.from_arrays(fixed, _np(input_ids)),
-                        pa.ListArray.from_arrays(fixed, _np(labels)),
-                        pa.ListArray.from_arrays(fixed, _np(position_ids.astype(np.int32))),
+                cols = [pa.ListArray.from_arrays(fixed, _np(input_ids.reshape(-1))),
+                        pa.ListArray.from_arrays(fixed, _np(labels.reshape(-1))),
+                        pa.ListArray.from_arrays(fixed, _np(position_ids)),
                         pa.ListArray.from_arrays(counts, _np(lens.astype(np.int32))),
                         pa.ListArray.from_arrays(counts, job["id"].take(_np(np.arange(e0, e1))))]
                 writer.write_batch(pa.record_batch(cols, schema=shards.SCHEMA))
