@@ -462,6 +462,8 @@ def iter_records(path: str | Path):
 class _Rec:
     """Field access on one record through the field mapping, raising :class:`RecordError`."""
 
+    __slots__ = ("rec", "loc", "fields")
+
     def __init__(self, rec, loc: str, fields: dict[str, str]):
         self.rec, self.loc, self.fields = rec, loc, fields
 
@@ -476,13 +478,12 @@ class _Rec:
         return repr(k) if k == name else f"{k!r} (mapped to {name!r})"
 
     def text(self, obj: dict, name: str, required: bool = True, default: str = "", where: str = "") -> str:
-        k = self.key(name)
-        if k not in obj or obj[k] is None:
+        v = obj.get(self.fields.get(name, name) if self.fields else name)
+        if v is None:  # absent, or JSON null
             if required:
                 raise self.err("missing_field", f"missing field {self._label(name)}{where}; "
                                                 f"keys present: {sorted(obj)}")
             return default
-        v = obj[k]
         if not isinstance(v, str):
             raise self.err("wrong_type", f"field {self._label(name)}{where} must be a string, "
                                          f"found {type(v).__name__} {_short(v)}")
