@@ -18,8 +18,9 @@ Why it is exact and bounded:
   of slices once merged.
 - A slice keeps tokens on disk. At most ``2 * num_proc`` chunks are in flight. The merge holds per-example
   metadata (about 40 bytes per example: length, trainable tokens, offsets, ids as Arrow) and one batch of
-  ``WRITE_BATCH_ROWS`` rows; tokens are read back through memory maps whose pages are released after each batch.
-  Peak memory does not grow with the size of the text, only with the number of examples, at that small rate.
+  ``WRITE_BATCH_ROWS`` rows; tokens are read back with ``preadv`` (a memory map would be faster, but the kernel maps
+  64 KiB around every page fault, so scattered reads map most of the file: RSS would grow with the input). Peak
+  memory does not grow with the size of the text, only with the number of examples, at that small rate.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import gc
 import hashlib
 import itertools
 import json
-import mmap
 import multiprocessing as mp
 import os
 import random
@@ -490,57 +490,38 @@ def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Gene
 
 
 class _TokenReader:
-    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` through read-only
-    memory maps, one numpy gather per slice and call. After each call the mapped pages are released
-    (``madvise(MADV_DONTNEED)``; the file stays in the page cache), so the process holds at most the pages one call
-    touched, not the files. At most ``max_open`` slices are mapped at a time (a job array may have thousands)."""
+    """Reads examples' stored tokens (:func:`pack_tokens`) back from their slices' ``tokens.bin`` with ``preadv``
+    straight into the output array (nothing mapped, so memory stays bounded). At most ``max_open`` slices have an
+    open file at a time (a job array may have thousands of slices)."""
 
     def __init__(self, dirs: list[Path], max_open: int = 128):
-        self.dirs, self.max_open, self.maps = dirs, max_open, {}
+        self.dirs, self.max_open, self.fds = dirs, max_open, {}
 
-    def _map(self, sl: int):
-        """``(mmap, tokens)`` of slice ``sl``'s ``tokens.bin``; the mmap is None for an empty file."""
-        got = self.maps.get(sl)
-        if got is None:
-            if len(self.maps) >= self.max_open:
+    def _fd(self, sl: int) -> int:
+        fd = self.fds.get(sl)
+        if fd is None:
+            if len(self.fds) >= self.max_open:
                 self.close()
-            with open(self.dirs[sl] / "tokens.bin", "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
-            got = self.maps[sl] = (mm, size // 4)
-        return got
+            fd = self.fds[sl] = os.open(self.dirs[sl] / "tokens.bin", os.O_RDONLY)
+        return fd
 
     def gather(self, slices: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """uint32 ``[sum(lengths)]``: the stored tokens of examples ``k`` (``lengths[k]`` tokens from token
-        ``offsets[k]`` of slice ``slices[k]``), concatenated in the given order.
+        ``offsets[k]`` of slice ``slices[k]``), concatenated in the given order (one ``preadv`` per example).
 
         Raises:
             ManifestError: a ``tokens.bin`` is shorter than an example's end (a damaged slice).
         """
-        slices, offsets = np.asarray(slices, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        total = int(lengths.sum())
-        out = np.empty(total, dtype=np.uint32)
-        if total == 0:
-            return out
-        # source index of every output token: its example's offset + its index within the example
-        src = np.repeat(offsets - (np.cumsum(lengths) - lengths), lengths) + np.arange(total, dtype=np.int64)
-        present = np.unique(slices)
-        per_token = np.repeat(slices, lengths) if len(present) > 1 else None
-        for sl in present.tolist():
-            mm, size = self._map(sl)
-            at = None if per_token is None else per_token == sl
-            end = int((offsets + lengths).max() if at is None else (offsets + lengths)[slices == sl].max())
-            if end > size:
-                raise ManifestError(f"{self.dirs[sl] / 'tokens.bin'}: {4 * (end - size)} bytes short at token "
-                                    f"{size}; prepare this slice again")
-            view = np.frombuffer(mm, dtype=np.uint32, count=size)  # mm is not None: end > 0
-            if at is None:
-                np.take(view, src, out=out)
-            else:
-                out[at] = view[src[at]]
-            del view  # an mmap cannot be closed while a view of it exists
-            mm.madvise(mmap.MADV_DONTNEED)
+        lengths = [int(n) for n in lengths]
+        out = np.empty(sum(lengths), dtype=np.uint32)
+        view = memoryview(out).cast("B")
+        pos = 0
+        for sl, off, n in zip(np.asarray(slices).tolist(), np.asarray(offsets).tolist(), lengths):
+            got = os.preadv(self._fd(sl), [view[pos:pos + 4 * n]], 4 * off)
+            if got != 4 * n:
+                raise ManifestError(f"{self.dirs[sl] / 'tokens.bin'}: {4 * n - got} bytes short at token {off}; "
+                                    "prepare this slice again")
+            pos += 4 * n
         return out
 
     def read(self, sl: int, offset: int, length: int) -> np.ndarray:
@@ -548,10 +529,9 @@ class _TokenReader:
         return self.gather([sl], [offset], [length])
 
     def close(self) -> None:
-        for mm, _ in self.maps.values():
-            if mm is not None:
-                mm.close()
-        self.maps.clear()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def _histogram(values: np.ndarray, hi: int, bins: int = 32) -> dict:
