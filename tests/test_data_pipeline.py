@@ -531,3 +531,15 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path, bad_file, mo
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_merge_cli_refuses_a_num_proc_below_one(tmp_path, capsys):
+    """`itune-data merge --num-proc 0` is refused before anything is touched; the slices merge afterwards."""
+    out = tmp_path / "o"
+    for i in range(2):
+        prepare_sources(_opts(out, [SHAREGPT_DUMMY], shard_index=i, num_shards=2))
+    before = sorted(p.name for p in (out / "slices").iterdir())
+    assert main(["merge", str(out), "--num-proc", "0"]) == 2
+    assert "error: --num-proc 0: must be >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "slices").iterdir()) == before and not (out / "manifest.json").exists()
+    assert main(["merge", str(out), "--num-proc", "2"]) == 0 and verify(out) == []
