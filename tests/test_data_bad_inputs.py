@@ -230,3 +230,19 @@ def test_json_python_cannot_hold_is_a_bad_record_not_a_crash(tmp_path):
     arr.write_text('[{"prompt": "a", "completion": "b", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}]")
     with pytest.raises(DataFormatError, match=r"deep.json: JSON this reader cannot hold \(RecursionError"):
         prepare_sources(_opts(tmp_path / "o3", [arr], format="prompt_completion"))
+
+
+def test_input_file_name_that_is_not_utf8_is_refused(tmp_path, capsys):
+    """A file name with bytes that are not UTF-8 (os.fsdecode makes them lone surrogates) would become the task name
+    and part of every example id, which Arrow and JSON files cannot hold: refused up front, naming the file."""
+    raw = os.fsencode(tmp_path) + b"/bad\xff.jsonl"
+    with open(raw, "wb") as f:
+        f.write(b'{"prompt": "q", "completion": "a"}\n')
+    path = os.fsdecode(raw)
+    with pytest.raises(ConfigError, match=r"bad\\udcff.jsonl': the path is not valid UTF-8 .* rename the file"):
+        prepare_sources(_opts(tmp_path / "o", [path]))
+    assert main(["prepare", "--input", path, "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o")]) == 2
+    assert "the path is not valid UTF-8" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(ConfigError, match=r"name 'x\\udcff' must be a non-empty string of valid UTF-8"):
+        prepare_sources(_opts(tmp_path / "o", [{"path": ok, "name": "x\udcff"}]))

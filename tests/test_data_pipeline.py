@@ -365,6 +365,8 @@ def test_arrow_helpers_equal_pyarrow_conversions():
         assert numpy_to_arrow(a).equals(pa.array(a))
         assert numpy_to_arrow(a).type == pa.from_numpy_dtype(np.dtype(dtype))
     assert numpy_to_arrow(np.zeros(0, np.int32)).equals(pa.array(np.zeros(0, np.int32)))
+    big_endian = np.array([1, 256, -2], dtype=">i4")
+    assert numpy_to_arrow(big_endian).to_pylist() == [1, 256, -2]
     with pytest.raises(ValueError, match="1-D numeric"):
         numpy_to_arrow(np.zeros(3, bool))
     with pytest.raises(ValueError, match="1-D numeric"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from itune.data import shards
 from itune.data.render import TEMPLATES, TRAIN_ON
-from itune.data.sources import FORMATS, read_split_file, sniff_format, superni_task_path
+from itune.data.sources import FORMATS, read_split_file, sniff_format, superni_task_path, utf8_encodable
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError
 
@@ -246,13 +246,16 @@ def _check_sources_options(opts: SourcesOptions) -> None:
         p = item["path"] if isinstance(item, dict) else item
         if not Path(p).is_file():
             problems.append(f"{p}: input file not found")
+        if not utf8_encodable(str(p)):  # the file name is the task name and part of every example id
+            problems.append(f"{str(p)!r}: the path is not valid UTF-8 (the file name becomes the task name and part "
+                            "of every example id); rename the file")
         if isinstance(item, dict):
             w = item.get("weight", 1.0)
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
                 problems.append(f"{p}: weight {w!r} must be a finite number >= 0")
             name = item.get("name")
-            if name is not None and (not isinstance(name, str) or not name.strip()):
-                problems.append(f"{p}: name {name!r} must be a non-empty string")
+            if name is not None and (not isinstance(name, str) or not name.strip() or not utf8_encodable(name)):
+                problems.append(f"{p}: name {name!r} must be a non-empty string of valid UTF-8")
             unknown = sorted(set(item) - {"path", "weight", "template", "format", "name"})
             if unknown:
                 problems.append(f"{p}: unknown mixture keys {unknown} (allowed: path, weight, template, format, "

@@ -52,6 +52,8 @@ def numpy_to_arrow(values) -> pa.Array:
     v = np.ascontiguousarray(values)
     if v.ndim != 1 or v.dtype == np.bool_:
         raise ValueError(f"numpy_to_arrow takes a 1-D numeric array, got shape {v.shape} dtype {v.dtype}")
+    if not v.dtype.isnative:  # Arrow buffers hold numbers in the machine's byte order
+        v = v.astype(v.dtype.newbyteorder("="))
     return pa.Array.from_buffers(pa.from_numpy_dtype(v.dtype), len(v), [None, pa.py_buffer(v)])
 
 

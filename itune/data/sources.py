@@ -293,7 +293,9 @@ def detect_format(record: dict, path: str | Path, fields: dict[str, str] | None 
     )
 
 
-def _encodable(s: str) -> bool:
+def utf8_encodable(s: str) -> bool:
+    """Whether ``s`` can be written as UTF-8: no lone surrogate (which JSON ``\\ud800`` escapes and
+    ``os.fsdecode`` of undecodable file-name bytes produce)."""
     if s.isascii():
         return True
     try:
@@ -487,7 +489,7 @@ class _Rec:
         if not isinstance(v, str):
             raise self.err("wrong_type", f"field {self._label(name)}{where} must be a string, "
                                          f"found {type(v).__name__} {_short(v)}")
-        if not _encodable(v):
+        if not utf8_encodable(v):
             raise self.err("invalid_utf8", f"field {self._label(name)}{where} is not valid UTF-8 "
                                            "(undecodable bytes or a lone surrogate escape)")
         return v
@@ -608,7 +610,7 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
     rid = rec.get(r.key("id"))
     if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
         eid = str(rid)
-        if not _encodable(eid):
+        if not utf8_encodable(eid):
             raise r.err("invalid_utf8", f"field {r._label('id')} is not valid UTF-8 text (a lone surrogate)")
     else:
         eid = f"{_file_name(source)}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
@@ -619,7 +621,7 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
             raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
                                         f"(found {_short(value)})")
         name = str(value).strip()
-        if not _encodable(name):
+        if not utf8_encodable(name):
             raise r.err("invalid_utf8", f"field {task_field!r} (the task name) is not valid UTF-8 text")
     return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra)
 
