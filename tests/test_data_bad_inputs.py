@@ -246,3 +246,84 @@ def test_input_file_name_that_is_not_utf8_is_refused(tmp_path, capsys):
     ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(ConfigError, match=r"name 'x\\udcff' must be a non-empty string of valid UTF-8"):
         prepare_sources(_opts(tmp_path / "o", [{"path": ok, "name": "x\udcff"}]))
+
+
+def test_an_input_inside_out_under_an_output_name_is_never_removed(tmp_path, capsys):
+    """A preparation clears an earlier run's shards, rejects and eval files from --out before writing: an input that
+    lies there under such a name (or under OUT/slices) is refused instead of being deleted; other names are fine."""
+    out = tmp_path / "o"
+    out.mkdir()
+    rec = {"prompt": "q", "completion": "a"}
+    for name in ("rejects.jsonl", "test_eval.jsonl", "manifest.json"):
+        f = _jsonl(out / name, [rec])
+        with pytest.raises(ConfigError, match=f"{name}: this input lies in --out .* under a name that preparation"):
+            prepare_sources(_opts(out, [f]))
+        assert f.read_bytes() == b'{"prompt": "q", "completion": "a"}\n'  # still there, unchanged
+    (out / "slices" / "x").mkdir(parents=True)
+    f = _jsonl(out / "slices" / "x" / "d.jsonl", [rec])
+    assert main(["prepare", "--input", str(f), "--tokenizer", str(MISTRAL), "--out", str(out)]) == 2
+    assert "this input lies in --out" in capsys.readouterr().err and f.is_file()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard_named = out / "train-00000-of-00001.arrow"
+    with pa.OSFile(str(shard_named), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("prompt", pa.string()),
+                                                                                   ("completion", pa.string())])) as w:
+        w.write_table(pa.table({"prompt": ["q"], "completion": ["a"]}))
+    with pytest.raises(ConfigError, match="train-00000-of-00001.arrow: this input lies in --out"):
+        prepare_sources(_opts(out, [shard_named]))
+    assert shard_named.is_file()
+    pq.write_table(pa.table({"prompt": ["q"], "completion": ["a"]}), out / "data.parquet")
+    for p in (out / "rejects.jsonl", out / "test_eval.jsonl", out / "manifest.json", shard_named):
+        p.unlink()
+    m = prepare_sources(_opts(out, [out / "data.parquet"]))  # another name in --out: prepared, and kept
+    assert m["splits"]["train"]["counts"]["written"] == 1 and (out / "data.parquet").is_file()
+
+
+def test_superni_text_that_is_not_utf8_is_rejected_not_a_crash(tmp_path):
+    """A SuperNI instance whose id, input or reference holds a lone surrogate escape ("\\ud800", valid JSON that no
+    UTF-8 file can hold) is rejected as invalid_utf8, in the train and the held-out split; the same in the task's
+    definition is a DataFormatError naming the file; so is a list as an instance id (malformed)."""
+    root = tmp_path / "sn"
+    _tiny_superni(root, [{"id": "ok", "input": "x", "output": ["y"]},
+                         {"id": "bad\ud800", "input": "x", "output": ["y"]},
+                         {"id": "in", "input": "x\ud800", "output": ["y"]},
+                         {"id": [1], "input": "x", "output": ["y"]}])
+    test_task = {"Definition": ["Copy."], "Categories": ["Copying"], "Positive Examples": [],
+                 "Instances": [{"id": "t1", "input": "a", "output": ["b"]},
+                               {"id": "t2", "input": "a", "output": ["b", "c\ud800"]}]}
+    (root / "tasks" / "task002_y.json").write_text(json.dumps(test_task))
+    (root / "splits" / "test_tasks.txt").write_text("task002_y\n")
+    out = tmp_path / "o"
+    m = prepare_superni(PrepareOptions(root, MISTRAL, out, seq_len=64))
+    assert m["splits"]["train"]["counts"] == {"read": 4, "written": 1, "rejected": {"invalid_utf8": 2, "malformed": 1}}
+    assert m["splits"]["test"]["counts"] == {"read": 2, "written": 1, "rejected": {"invalid_utf8": 1}}
+    assert [json.loads(x)["id"] for x in (out / "test_eval.jsonl").read_text().splitlines()] == ["t1"]
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["record"].rsplit(": ", 1)[1]) for r in rejects] == [
+        ("invalid_utf8", "Instances[1]"), ("invalid_utf8", "Instances[2]"), ("malformed", "Instances[3]"),
+        ("invalid_utf8", "Instances[1]")]
+    assert verify(out) == []
+    test_task["Definition"] = ["Copy\ud800."]
+    (root / "tasks" / "task002_y.json").write_text(json.dumps(test_task))
+    with pytest.raises(DataFormatError, match=r"task002_y.json: 'Definition' is not valid UTF-8 text"):
+        prepare_superni(PrepareOptions(root, MISTRAL, tmp_path / "o2", seq_len=64))
+
+
+def test_paths_that_are_not_utf8_are_refused(tmp_path):
+    """--out, --tokenizer and --superni paths are written into the manifest: one that is not valid UTF-8 is refused
+    before anything is written, naming the option."""
+    _tiny_superni(tmp_path / "sn", [{"id": "a", "input": "x", "output": ["y"]}])
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    bad_out = tmp_path / os.fsdecode(b"out\xff")
+    with pytest.raises(ConfigError, match=r"--out '.*out\\udcff': the path is not valid UTF-8"):
+        prepare_sources(_opts(bad_out, [f]))
+    assert not bad_out.exists()
+    bad_tok = tmp_path / os.fsdecode(b"tok\xff")
+    with pytest.raises(ConfigError, match=r"--tokenizer '.*tok\\udcff': the path is not valid UTF-8"):
+        prepare_sources(SourcesOptions(inputs=[f], tokenizer=bad_tok, out_dir=tmp_path / "o", seq_len=64))
+    bad_sn = tmp_path / os.fsdecode(b"sn\xff")
+    os.rename(tmp_path / "sn", bad_sn)
+    with pytest.raises(ConfigError, match=r"--superni '.*sn\\udcff': the path is not valid UTF-8"):
+        prepare_superni(PrepareOptions(bad_sn, MISTRAL, tmp_path / "o", seq_len=64))
+    assert not (tmp_path / "o").exists()

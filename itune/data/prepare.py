@@ -126,6 +126,9 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     opts.superni_dir, opts.out_dir = Path(opts.superni_dir), Path(opts.out_dir)
     opts.tokenizer = Path(os.path.abspath(opts.tokenizer))  # the manifest names it for later readers, from any folder
     problems = _common_problems(opts)
+    if not utf8_encodable(str(opts.superni_dir)):
+        problems.append(f"--superni {str(opts.superni_dir)!r}: the path is not valid UTF-8; rename it (task file "
+                        "paths are written into the manifest and the rejects file)")
     if opts.seq_len < 16:
         problems.append(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
     if opts.max_instances_per_task is not None and opts.max_instances_per_task < 1:
@@ -146,6 +149,10 @@ def prepare_superni(opts: PrepareOptions) -> dict:
              for names, cap in ((train_tasks, opts.max_instances_per_task),
                                 (test_tasks, opts.max_eval_instances_per_task))
              for name in names]
+    clobbered = [s.path for s in specs if overwritten_by_output(opts.out_dir, Path(s.path))]
+    if clobbered:
+        raise ConfigError(f"task files {clobbered[:3]} lie in --out {opts.out_dir} under names that preparation "
+                          "removes or writes; choose another --out")
     sn = {"num_pos_examples": opts.num_pos_examples, "add_definition": opts.add_definition}
     plan = pipeline.PipelinePlan(
         sources=specs, source_sha256=[shards.sha256_file(s.path) for s in specs], tokenizer=str(opts.tokenizer),
@@ -246,6 +253,9 @@ def _check_sources_options(opts: SourcesOptions) -> None:
         p = item["path"] if isinstance(item, dict) else item
         if not Path(p).is_file():
             problems.append(f"{p}: input file not found")
+        elif overwritten_by_output(opts.out_dir, Path(p)):
+            problems.append(f"{p}: this input lies in --out {opts.out_dir} under a name that preparation removes or "
+                            "writes; move it or choose another --out")
         if not utf8_encodable(str(p)):  # the file name is the task name and part of every example id
             problems.append(f"{str(p)!r}: the path is not valid UTF-8 (the file name becomes the task name and part "
                             "of every example id); rename the file")
@@ -280,11 +290,19 @@ def _common_problems(opts) -> list[str]:
         v = getattr(opts, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
             problems.append(f"{name} {v!r}: must be >= {lowest}")
+    for what, path in (("--out", opts.out_dir), ("--tokenizer", opts.tokenizer)):
+        if not utf8_encodable(str(path)):
+            problems.append(f"{what} {str(path)!r}: the path is not valid UTF-8; rename it (paths are written into "
+                            "the manifest and read back by training and evaluation)")
     if opts.out_dir.exists() and not opts.out_dir.is_dir():
         problems.append(f"{opts.out_dir} is a file, not a directory; choose another --out")
     elif (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:
         problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
     return problems
+
+
+#: Names in the output directory that a preparation removes (an earlier run's files) and writes.
+OUTPUT_PATTERNS = ("train-*-of-*.arrow", "test-*-of-*.arrow", "test_eval.jsonl", "rejects.jsonl", ".*.tmp")
 
 
 def clear_outputs(out_dir: Path, slices: bool) -> None:
@@ -294,11 +312,24 @@ def clear_outputs(out_dir: Path, slices: bool) -> None:
 
     from itune.data.pipeline import SLICES_DIR
 
-    for pattern in ("train-*-of-*.arrow", "test-*-of-*.arrow", "test_eval.jsonl", "rejects.jsonl", ".*.tmp"):
+    for pattern in OUTPUT_PATTERNS:
         for p in out_dir.glob(pattern):
             p.unlink()
     if slices:
         shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)
+
+
+def overwritten_by_output(out_dir: Path, path: Path) -> bool:
+    """Whether preparing into ``out_dir`` would remove or overwrite ``path``: a file directly in ``out_dir`` named
+    like an output (:data:`OUTPUT_PATTERNS`, ``manifest.json``), or anything under ``out_dir/slices``."""
+    from fnmatch import fnmatchcase
+
+    from itune.data.pipeline import SLICES_DIR
+
+    out, p = Path(os.path.realpath(out_dir)), Path(os.path.realpath(path))
+    if p.parent == out:
+        return p.name == shards.MANIFEST or any(fnmatchcase(p.name, pat) for pat in OUTPUT_PATTERNS)
+    return p.is_relative_to(out / SLICES_DIR)
 
 
 def _specs(opts: SourcesOptions, tok: TextTokenizer) -> list:

@@ -149,6 +149,12 @@ def read_superni_task(
     for i, ex in enumerate(pos):
         if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
             raise DataFormatError(f"{path}: 'Positive Examples'[{i}] needs string 'input' and 'output'")
+    task_text = [("'Definition'", definition), ("'Categories'", category)] + \
+        [(f"'Positive Examples'[{i}]", ex["input"] + ex["output"]) for i, ex in enumerate(pos)]
+    for where, text in task_text:
+        if not utf8_encodable(text):
+            raise DataFormatError(f"{path}: {where} is not valid UTF-8 text (a lone surrogate escape such as "
+                                  "\\ud800); fix the task file")
     instances = task["Instances"] if max_instances is None else task["Instances"][:max_instances]
     for i, inst in enumerate(instances):
         ref = f"{path}: Instances[{i}]"
@@ -161,10 +167,17 @@ def read_superni_task(
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
             yield None, "malformed", ref
             continue
+        rid = inst.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+            yield None, "malformed", ref  # an id is a string (or a number)
+            continue
+        if not all(utf8_encodable(t) for t in [inst["input"], *outputs, rid if isinstance(rid, str) else ""]):
+            yield None, "invalid_utf8", ref  # a lone surrogate escape such as \ud800: not writable as UTF-8
+            continue
         if not outputs or not outputs[0].strip():
             yield None, "empty_output", ref
             continue
-        iid = inst.get("id") or f"{name}-{hashlib.md5(f'{name}:{i}'.encode()).hexdigest()}"
+        iid = rid or f"{name}-{hashlib.md5(f'{name}:{i}'.encode()).hexdigest()}"
         prompt = tk_instruct_prompt(definition, pos, inst["input"])
         yield (
             Example(
