@@ -327,3 +327,48 @@ def test_paths_that_are_not_utf8_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--superni '.*sn\\udcff': the path is not valid UTF-8"):
         prepare_superni(PrepareOptions(bad_sn, MISTRAL, tmp_path / "o", seq_len=64))
     assert not (tmp_path / "o").exists()
+
+
+def test_unusual_blank_lines_and_line_ends_get_their_real_error(tmp_path):
+    """A line of non-ASCII whitespace (U+00A0, U+2028) is not blank: it is invalid JSON, not a 'NoneType' record. A
+    first line holding only a byte order mark is blank. A file whose records are separated by CR alone is one line
+    of invalid JSON, and format detection says so instead of 'empty file'."""
+    f = tmp_path / "ws.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf\n{"prompt": "q", "completion": "a"}\n\xc2\xa0\n\xe2\x80\xa8\n'
+                  b'{"prompt": "q2", "completion": "a2"}\n')
+    with pytest.raises(DataFormatError, match=r"ws.jsonl:3: not valid JSON \(Expecting value at column 1\)"):
+        prepare_sources(_opts(tmp_path / "o1", [f]))
+    m = prepare_sources(_opts(tmp_path / "o2", [f], on_error="skip"))
+    assert m["sources"][0]["counts"] == {"read": 4, "written": 2, "rejected": {"invalid_json": 2}}
+    rejects = [json.loads(x) for x in (tmp_path / "o2" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["record"].rsplit(":", 1)[1] for r in rejects] == ["3", "4"]
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b'{"prompt": "q", "completion": "a"}\r{"prompt": "q", "completion": "a"}\r')
+    with pytest.raises(DataFormatError, match=r"cr.jsonl: no record could be read; the first problem: "
+                                              r".*cr.jsonl:1: not valid JSON \(Extra data at column 36\)"):
+        prepare_sources(_opts(tmp_path / "o3", [cr]))
+
+
+def test_parquet_string_that_is_not_utf8_is_a_bad_record(tmp_path):
+    """A Parquet string column holding bytes that are not UTF-8 (writers do not all check) makes that record an
+    invalid_utf8 reject, named by its index; the other records of the batch are kept."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def strings(values: list[bytes]) -> pa.Array:  # unchecked, as a careless writer would store them
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+        return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets),
+                                                                pa.py_buffer(b"".join(values))])
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": strings([b"q0", b"q\xff1", b"q2"]), "completion": strings([b"a"] * 3)}), f)
+    with pytest.raises(DataFormatError, match=r"d.parquet: record 1: a string field is not valid UTF-8"):
+        prepare_sources(_opts(tmp_path / "o1", [f]))
+    m = prepare_sources(_opts(tmp_path / "o2", [f], on_error="skip"))
+    assert m["sources"][0]["counts"] == {"read": 3, "written": 2, "rejected": {"invalid_utf8": 1}}
+    bad_first = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"prompt": strings([b"q\xff"]), "completion": strings([b"a"])}), bad_first)
+    with pytest.raises(DataFormatError, match=r"e.parquet: no record could be read; the first problem: "
+                                              r".*record 0: a string field is not valid UTF-8"):
+        prepare_sources(_opts(tmp_path / "o3", [bad_first]))

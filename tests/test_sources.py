@@ -236,7 +236,7 @@ def test_jsonl_line_decoding_is_json_loads_on_random_lines():
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             return ("invalid_utf8",)
-        if not line.strip():
+        if not line.strip(" \t\n\r\x0b\x0c"):  # blank: ASCII whitespace only (U+00A0 is json.loads's error)
             return None
         try:
             return ("ok", json.loads(line))

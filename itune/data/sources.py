@@ -319,6 +319,16 @@ def utf8_encodable(s: str) -> bool:
 
 
 _JSON = json.JSONDecoder()
+_BLANK = " \t\n\r\x0b\x0c"
+_BOM = b"\xef\xbb\xbf"
+
+
+def _blank_first_line(raw: bytes) -> bool:
+    """Whether line 1 of a JSONL file holds nothing but a UTF-8 byte order mark and ASCII whitespace."""
+    body = raw.removeprefix(_BOM)
+    return not body or body.isspace()
+
+
 _JSON_SPACE = json.decoder.WHITESPACE.match
 
 
@@ -327,13 +337,13 @@ def decode_jsonl_line(raw: bytes, loc: str, first: bool = False):
     blank line. ``first``: strip a UTF-8 byte order mark. Decoding is ``json.loads``'s (JSON whitespace around
     one value), without its per-call overhead."""
     if first:
-        raw = raw.removeprefix(b"\xef\xbb\xbf")
+        raw = raw.removeprefix(_BOM)
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return RecordError("invalid_utf8", loc, f"not valid UTF-8 at byte {e.start} of the line; "
                                                 "re-encode the file as UTF-8")
-    if not line.strip():
+    if not line.strip(_BLANK):  # ASCII whitespace only, as bytes.isspace: a line of U+00A0 is not blank
         return None
     try:
         if line.startswith("\ufeff"):  # as json.loads (a byte order mark inside the file)
@@ -393,7 +403,8 @@ class LineBlock:
     def items(self) -> list:
         """``(location, (raw line, is first line), "raw")`` for each non-blank line (the items of :func:`itune.data.pipeline.iter_chunks`)."""
         return [(f"{self.path}:{n}", (raw, n == 1), "raw")
-                for n, raw in enumerate(self.lines, self.first_line) if not raw.isspace()]
+                for n, raw in enumerate(self.lines, self.first_line)
+                if not (raw.isspace() or n == 1 and _blank_first_line(raw))]
 
 
 def jsonl_blocks(path: Path, size: int, cap: int | None):
@@ -407,7 +418,7 @@ def jsonl_blocks(path: Path, size: int, cap: int | None):
             lines, got = [], 0
             for raw in f:
                 lines.append(raw)
-                if not raw.isspace():
+                if not (raw.isspace() or lineno == 1 and len(lines) == 1 and _blank_first_line(raw)):
                     got += 1
                     if got == want:
                         break
@@ -426,6 +437,15 @@ def iter_jsonl_lines(path: Path):
     for block in jsonl_blocks(path, 1024, None):
         for loc, (raw, first), _ in block.items():
             yield loc, raw, first
+
+
+def _arrow_row(batch, j: int, loc: str):
+    """Row ``j`` of an Arrow record batch as a dict, or a :class:`RecordError` when a string in it is not UTF-8."""
+    try:
+        return batch.slice(j, 1).to_pylist()[0]
+    except UnicodeDecodeError as e:
+        return RecordError("invalid_utf8", loc, f"a string field is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                                "re-encode the file as UTF-8")
 
 
 def _iter_arrow_records(path: Path):
@@ -447,7 +467,11 @@ def _iter_arrow_records(path: Path):
                 batches = iter(pa.ipc.open_stream(src))
         i = 0
         for batch in batches:
-            for rec in batch.to_pylist():
+            try:
+                recs = batch.to_pylist()
+            except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the rows
+                recs = [_arrow_row(batch, j, f"{path}: record {i + j}") for j in range(batch.num_rows)]
+            for rec in recs:
                 yield f"{path}: record {i}", rec
                 i += 1
     except (OSError, pa.ArrowException) as e:
@@ -681,7 +705,12 @@ def sniff_format(path: str | Path, fields: dict[str, str] | None = None) -> str:
     Raises:
         DataFormatError: as :func:`detect_format`, or the file holds no object at all.
     """
+    first_error = None
     for _, rec in iter_records(path):
         if isinstance(rec, dict):
             return detect_format(rec, path, fields)
+        if first_error is None and isinstance(rec, RecordError):
+            first_error = rec
+    if first_error is not None:
+        raise DataFormatError(f"{path}: no record could be read; the first problem: {first_error}")
     raise DataFormatError(f"{path}: no record found (an empty file, or no line holds a JSON object)")
