@@ -178,7 +178,12 @@ def _inspect(a) -> int:
     from itune.data.tokenizer import TextTokenizer
 
     m = read_manifest(a.data)
-    tok = TextTokenizer.load(m["tokenizer"]["path"])
+    tok_path = (m.get("tokenizer") or {}).get("path")
+    if not isinstance(tok_path, str):
+        from itune.errors import ManifestError
+
+        raise ManifestError(f"{a.data}: the manifest names no tokenizer path; prepare the data again")
+    tok = TextTokenizer.load(tok_path)
     t = open_split(a.data, a.split)
     for r in range(min(a.rows, t.num_rows)):
         ids = t["input_ids"][r].as_py()

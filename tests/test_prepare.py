@@ -141,29 +141,106 @@ def test_verify_detects_tampering(tmp_path):
     assert any("checksum" in p for p in verify(out))
 
 
-def test_verify_checks_row_lengths_and_example_counts(tmp_path):
-    """A shard whose checksum matches the manifest but whose rows are not seq_len long, or whose example count
-    disagrees with the manifest, is reported (verify reads the list columns' offsets)."""
+def _rewrite_train_shard(out, change):
+    """Rewrites the first train shard with ``change(columns) -> columns`` (python lists per column) and records
+    its new sha256 in the manifest, as a tampering that keeps the checksums consistent would."""
     import hashlib
 
     import pyarrow as pa
 
     from itune.data.shards import SCHEMA
 
+    m = read_manifest(out)
+    entry = m["splits"]["train"]["shards"][0]
+    t = pa.ipc.open_stream(pa.memory_map(str(out / entry["file"]), "r")).read_all()
+    cols = change({k: t[k].to_pylist() for k in SCHEMA.names})
+    with pa.OSFile(str(out / entry["file"]), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
+        w.write_table(pa.table(cols, schema=SCHEMA))
+    entry["sha256"] = hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.fixture
+def small_prepared(tmp_path):
     _tiny_superni(tmp_path / "sn", [{"id": str(i), "input": f"x{i}", "output": [f"y{i}"]} for i in range(3)])
     out = tmp_path / "out"
     prepare_superni(PrepareOptions(tmp_path / "sn", MISTRAL, out, seq_len=64))
     assert verify(out) == []
-    m = read_manifest(out)
-    entry = m["splits"]["train"]["shards"][0]
-    t = pa.ipc.open_stream(pa.memory_map(str(out / entry["file"]), "r")).read_all()
-    cut = {k: [r[:-1] for r in t[k].to_pylist()] for k in ("input_ids", "labels", "position_ids")}
-    short = pa.table({k: cut.get(k, t[k].to_pylist()) for k in SCHEMA.names}, schema=SCHEMA)
-    with pa.OSFile(str(out / entry["file"]), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
-        w.write_table(short)
-    entry["sha256"] = hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+    return out
+
+
+def _cut(rows):
+    return [r[:-1] for r in rows]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda c: {**c, "input_ids": _cut(c["input_ids"]), "labels": _cut(c["labels"]),
+                "position_ids": _cut(c["position_ids"])}, "train: input_ids rows whose length is not seq_len 64"),
+    (lambda c: {**c, "labels": _cut(c["labels"])}, "train: labels rows whose length is not seq_len 64"),
+    (lambda c: {**c, "position_ids": [r + [0] for r in c["position_ids"]]},
+     "train: position_ids rows whose length is not seq_len 64"),
+    (lambda c: {**c, "example_ids": [r[:-1] for r in c["example_ids"]]},
+     "train: rows whose example_ids and example_lengths differ in number"),
+    (lambda c: {**c, "example_lengths": [[n + 64 for n in r] for r in c["example_lengths"]]},
+     "train: example_lengths below 1 or adding up to more than seq_len 64 in a row"),
+    (lambda c: {**c, "example_lengths": [[0] + r for r in c["example_lengths"]],
+                "example_ids": [["z"] + r for r in c["example_ids"]]},
+     "train: example_lengths below 1 or adding up to more than seq_len 64 in a row"),
+    (lambda c: {**c, "input_ids": [[None] + r[1:] for r in c["input_ids"]]}, "train: nulls in ['input_ids']"),
+])
+def test_verify_checks_the_row_layout_behind_a_matching_checksum(small_prepared, change, problem):
+    """A shard rewritten with its new sha256 in the manifest (so the checksums agree) is still checked: every token
+    column has seq_len tokens per row, one id per example, example lengths that fit, no nulls."""
+    _rewrite_train_shard(small_prepared, change)
+    assert problem in verify(small_prepared)
+
+
+def test_verify_checks_example_and_token_counts_and_the_eval_file(small_prepared):
+    m = _rewrite_train_shard(small_prepared, lambda c: c)
+    assert verify(small_prepared) == []
     m["splits"]["train"]["examples"] += 1
-    (out / "manifest.json").write_text(json.dumps(m))
-    n = m["splits"]["train"]["examples"]
-    assert verify(out) == ["train: rows whose length is not seq_len 64",
-                           f"train: {n - 1} examples in rows, manifest says {n}"]
+    m["splits"]["train"]["tokens"] += 2
+    (small_prepared / "manifest.json").write_text(json.dumps(m))
+    n, tokens = m["splits"]["train"]["examples"], m["splits"]["train"]["tokens"]
+    assert verify(small_prepared) == [f"train: {n - 1} examples in rows, manifest says {n}",
+                                      f"train: {tokens - 2} tokens in rows, manifest says {tokens}"]
+
+
+def test_verify_checks_the_heldout_eval_file(tmp_path):
+    _tiny_superni(tmp_path / "sn", [{"id": "a", "input": "x", "output": ["y"]}])
+    task = {"Definition": ["Copy."], "Categories": ["C"], "Positive Examples": [],
+            "Instances": [{"id": "t", "input": "a", "output": ["b"]}]}
+    (tmp_path / "sn" / "tasks" / "task002_y.json").write_text(json.dumps(task))
+    (tmp_path / "sn" / "splits" / "test_tasks.txt").write_text("task002_y\n")
+    out = tmp_path / "out"
+    prepare_superni(PrepareOptions(tmp_path / "sn", MISTRAL, out, seq_len=64))
+    assert verify(out) == []
+    with open(out / "test_eval.jsonl", "a") as f:
+        f.write("\n")
+    assert verify(out) == [f"{out / 'test_eval.jsonl'}: checksum differs from the manifest (the file changed after "
+                           "preparation)"]
+    (out / "test_eval.jsonl").unlink()
+    assert verify(out) == [f"{out / 'test_eval.jsonl'}: missing"]
+
+
+def test_a_manifest_missing_keys_is_named_not_a_key_error(small_prepared, capsys):
+    from data_tools.cli import main
+    from itune.errors import ManifestError
+
+    m = read_manifest(small_prepared)
+    del m["splits"]["train"]["shards"][0]["sha256"]
+    del m["seq_len"]
+    (small_prepared / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"not a complete manifest \(seq_len missing or not int; "
+                                            r"splits.train.shards\[0\].sha256 missing or not str\)"):
+        verify(small_prepared)
+    for cmd in (["verify"], ["inspect"], ["stats"]):
+        assert main(cmd + [str(small_prepared)]) == 2
+        assert "not a complete manifest" in capsys.readouterr().err
+    intact = json.loads((small_prepared / "manifest.json").read_text())
+    intact["seq_len"], intact["splits"]["train"]["shards"][0]["sha256"] = 64, "0" * 64
+    del intact["tokenizer"]["path"]
+    (small_prepared / "manifest.json").write_text(json.dumps(intact))
+    assert main(["inspect", str(small_prepared)]) == 2
+    assert "the manifest names no tokenizer path" in capsys.readouterr().err

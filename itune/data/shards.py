@@ -149,7 +149,33 @@ def read_manifest(data_dir: str | Path) -> dict:
     if m.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{p}: format_version {m.get('format_version')!r}, this itune reads {FORMAT_VERSION}; "
                             "prepare the data again with this version")
+    missing = _manifest_problems(m)
+    if missing:
+        raise ManifestError(f"{p}: not a complete manifest ({'; '.join(missing[:5])}); the directory is damaged: "
+                            "prepare the data again")
     return m
+
+
+def _manifest_problems(m: dict) -> list[str]:
+    """What a manifest lacks of the structure its readers use (keys and their JSON types)."""
+    def check(obj, where: str, spec: dict) -> list[str]:
+        if not isinstance(obj, dict):
+            return [f"{where or 'the manifest'} is not an object"]
+        return [f"{where}{'.' if where else ''}{k} missing or not {t.__name__}" for k, t in spec.items()
+                if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool)]
+
+    out = check(m, "", {"seq_len": int, "splits": dict})
+    for name, info in m["splits"].items() if isinstance(m.get("splits"), dict) else ():
+        where = f"splits.{name}"
+        got = check(info, where, {"rows": int, "shards": list})
+        out += got
+        if got:
+            continue
+        if "counts" in info:
+            out += check(info["counts"], f"{where}.counts", {"read": int, "written": int, "rejected": dict})
+        for i, sh in enumerate(info["shards"]):
+            out += check(sh, f"{where}.shards[{i}]", {"file": str, "rows": int, "sha256": str})
+    return out
 
 
 def manifest_hash(data_dir: str | Path) -> str:
@@ -202,10 +228,16 @@ def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def verify(data_dir: str | Path) -> list[str]:
-    """Re-checks every shard against the manifest: checksum, schema, row counts, row length, token counts.
+    """Re-checks every shard against the manifest: checksums (shards and the held-out eval file), schema, row
+    counts, and the layout the offsets describe: ``input_ids``, ``labels`` and ``position_ids`` of ``seq_len``
+    tokens in every row, no nulls, one id per example, example lengths >= 1 that fit their row, and example and
+    token counts equal to the manifest's. (Token values are covered by the checksums, not re-derived.)
 
     Returns:
         A list of problems (empty when the directory is intact).
+
+    Raises:
+        ManifestError: no manifest, or one that misses what verification needs (:func:`read_manifest`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -217,6 +249,9 @@ def verify(data_dir: str | Path) -> list[str]:
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # hashing releases the GIL
             problems += [x for x in pool.map(lambda sh: check_shard_file(data_dir, sh), info["shards"])
                          if x is not None]
+        if "eval_file" in info:
+            problems += [x for x in [check_shard_file(data_dir, {"file": info["eval_file"],
+                                                                 "sha256": info.get("eval_sha256")})] if x]
         try:
             t = open_split(data_dir, split)
         except (ManifestError, OSError, pa.ArrowException) as e:
@@ -224,13 +259,30 @@ def verify(data_dir: str | Path) -> list[str]:
             continue
         if t.num_rows != info["rows"]:
             problems.append(f"{split}: {t.num_rows} rows, manifest says {info['rows']}")
-        if (_list_lengths(t["input_ids"]) != seq_len).any():
-            problems.append(f"{split}: rows whose length is not seq_len {seq_len}")
-        ex = int(_list_lengths(t["example_lengths"]).sum())
-        expected = info.get("examples", info["counts"]["written"])  # with a mixture, repeats included
-        if ex != expected:
-            problems.append(f"{split}: {ex} examples in rows, manifest says {expected}")
-        c = info["counts"]
+        nulls = [c for c in SCHEMA.names if t[c].null_count or any(x.flatten().null_count for x in t[c].chunks)]
+        if nulls:
+            problems.append(f"{split}: nulls in {nulls}")
+        for c in ("input_ids", "labels", "position_ids"):
+            if (_list_lengths(t[c]) != seq_len).any():
+                problems.append(f"{split}: {c} rows whose length is not seq_len {seq_len}")
+        per_row = _list_lengths(t["example_lengths"])
+        if (per_row != _list_lengths(t["example_ids"])).any():
+            problems.append(f"{split}: rows whose example_ids and example_lengths differ in number")
+        lengths = np.concatenate([arrow_to_numpy(x.flatten()).astype(np.int64) for x in t["example_lengths"].chunks]
+                                 or [np.zeros(0, np.int64)]) if not nulls else np.zeros(0, np.int64)
+        filled = np.concatenate([[0], np.cumsum(lengths)])
+        bounds = np.concatenate([[0], np.cumsum(per_row)])
+        if len(lengths) and ((lengths < 1).any() or (filled[bounds[1:]] - filled[bounds[:-1]] > seq_len).any()):
+            problems.append(f"{split}: example_lengths below 1 or adding up to more than seq_len {seq_len} in a row")
+        c = info.get("counts")
+        if c is None:
+            problems.append(f"{split}: the manifest has no counts (read, written, rejected)")
+            continue
+        expected = info.get("examples", c["written"])  # with a mixture, repeats included
+        if int(per_row.sum()) != expected:
+            problems.append(f"{split}: {int(per_row.sum())} examples in rows, manifest says {expected}")
+        if "tokens" in info and not nulls and int(filled[-1]) != info["tokens"]:
+            problems.append(f"{split}: {int(filled[-1])} tokens in rows, manifest says {info['tokens']}")
         if c["read"] != c["written"] + sum(c["rejected"].values()):
             problems.append(f"{split}: read {c['read']} != written {c['written']} + rejected {c['rejected']}")
     return problems
