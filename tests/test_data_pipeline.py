@@ -545,3 +545,22 @@ def test_merge_cli_refuses_a_num_proc_below_one(tmp_path, capsys):
     assert "error: --num-proc 0: must be >= 1" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "slices").iterdir()) == before and not (out / "manifest.json").exists()
     assert main(["merge", str(out), "--num-proc", "2"]) == 0 and verify(out) == []
+
+
+def test_mixture_weight_above_the_bound_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A weight is a per-example repeat count: 1e9 or 1e300 used to end in MemoryError / OverflowError after all the
+    tokenizing. Above 1000 it is refused up front; the merge also refuses a selection too large to index."""
+    import re
+
+    from itune.data import pipeline
+
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(5)])
+    for w in (1e9, 1e300, 1000.5):
+        with pytest.raises(ConfigError, match=re.escape(f"d.jsonl: weight {w!r} is above 1000; a weight is how many")):
+            prepare_sources(_opts(tmp_path / "o", [{"path": f, "weight": w}]))
+        assert not (tmp_path / "o").exists()
+    m = prepare_sources(_opts(tmp_path / "o", [{"path": f, "weight": 1000}]))
+    assert m["splits"]["train"]["examples"] == 5000
+    monkeypatch.setattr(pipeline, "MAX_SELECTED", 4999)
+    with pytest.raises(ConfigError, match=r"d.jsonl: weight 1000 x 5 examples = 5000 examples, more than 4999"):
+        prepare_sources(_opts(tmp_path / "o2", [{"path": f, "weight": 1000}]))

@@ -62,6 +62,9 @@ from itune.fileio import atomic_write_text
 CHUNK_RECORDS = 1024
 #: Rows built and written at a time by the merge.
 WRITE_BATCH_ROWS = 256
+#: Most examples one source may contribute to a split after its mixture weight; more is a mistaken weight (the
+#: selection's indices alone would take 16 GiB), refused before any memory is spent on it.
+MAX_SELECTED = 2**31 - 1
 SLICES_DIR = "slices"
 SLICE_DONE = "slice.json"
 
@@ -478,6 +481,9 @@ def _select(plan: PipelinePlan, idx: np.ndarray, meta: dict, rng: np.random.Gene
         members = keep[meta["source"][keep] == si]
         n = len(members)
         target = int(round(spec.weight * n))
+        if target > MAX_SELECTED:
+            raise ConfigError(f"{spec.path}: weight {spec.weight:g} x {n} examples = {target} examples, more than "
+                              f"{MAX_SELECTED} in one split; lower the weight")
         whole, rest = divmod(target, n) if n else (0, 0)
         sel = [members] * whole
         if rest:

@@ -263,6 +263,9 @@ def _check_sources_options(opts: SourcesOptions) -> None:
             w = item.get("weight", 1.0)
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
                 problems.append(f"{p}: weight {w!r} must be a finite number >= 0")
+            elif w > MAX_WEIGHT:
+                problems.append(f"{p}: weight {w!r} is above {MAX_WEIGHT:g}; a weight is how many times each "
+                                "example is taken (0.5 = half of them, 3 = each three times)")
             name = item.get("name")
             if name is not None and (not isinstance(name, str) or not name.strip() or not utf8_encodable(name)):
                 problems.append(f"{p}: name {name!r} must be a non-empty string of valid UTF-8")
@@ -300,6 +303,9 @@ def _common_problems(opts) -> list[str]:
         problems.append(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
     return problems
 
+
+#: Largest mixture weight: a weight is a per-example repeat count (the data is copied that many times in shards).
+MAX_WEIGHT = 1000.0
 
 #: Names in the output directory that a preparation removes (an earlier run's files) and writes.
 OUTPUT_PATTERNS = ("train-*-of-*.arrow", "test-*-of-*.arrow", "test_eval.jsonl", "rejects.jsonl", ".*.tmp")
