@@ -372,3 +372,41 @@ def test_parquet_string_that_is_not_utf8_is_a_bad_record(tmp_path):
     with pytest.raises(DataFormatError, match=r"e.parquet: no record could be read; the first problem: "
                                               r".*record 0: a string field is not valid UTF-8"):
         prepare_sources(_opts(tmp_path / "o3", [bad_first]))
+
+
+def test_merge_names_a_damaged_slice(tmp_path, chats):
+    """A slice.json without its keys, or an examples.arrow cut short or holding other rows than its slice.json
+    records, is named with a way out instead of a KeyError or ArrowInvalid traceback."""
+    import pyarrow as pa
+
+    out = tmp_path / "o"
+    for i in range(2):
+        prepare_sources(_opts(out, [chats], shard_index=i, num_shards=2, chunk_records=1))
+    d = out / "slices" / "slice-00001-of-00002"
+    summary = (d / "slice.json").read_text()
+    (d / "slice.json").write_text("{}")
+    with pytest.raises(ManifestError, match=r"slice-00001-of-00002/slice.json: not a slice summary \(missing "
+                                            r"\['chunks', 'index', .*\]\); prepare this slice again"):
+        merge_slices(out)
+    (d / "slice.json").write_text(summary)
+    examples = (d / "examples.arrow").read_bytes()
+    (d / "examples.arrow").write_bytes(examples[:len(examples) // 2])
+    with pytest.raises(ManifestError, match=r"slice-00001-of-00002/examples.arrow: .*prepare this slice again"):
+        merge_slices(out)
+    t = pa.ipc.open_stream(pa.py_buffer(examples)).read_all()
+    with pa.OSFile(str(d / "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t.slice(0, t.num_rows - 1))
+    with pytest.raises(ManifestError, match=rf"examples.arrow: {t.num_rows - 1} examples \(or another schema\), its "
+                                            rf"slice.json records {t.num_rows}"):
+        merge_slices(out)
+    (d / "examples.arrow").write_bytes(examples)
+    assert merge_slices(out)["splits"]["train"]["counts"]["written"] == 2 and verify(out) == []
+
+
+def test_mixture_file_that_is_not_utf8_is_named(tmp_path):
+    from itune.data.prepare import load_mixture
+
+    bad = tmp_path / "mix.yaml"
+    bad.write_bytes(b"sources:\n  - path: caf\xe9.jsonl\n")
+    with pytest.raises(ConfigError, match=r"mix.yaml: cannot read the mixture file \('utf-8' codec can't decode"):
+        load_mixture(bad)

@@ -410,6 +410,10 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
 # Merge
 # ---------------------------------------------------------------------------------------------------------------
 
+#: What every slice.json holds (written by :func:`prepare_slice`).
+SLICE_KEYS = frozenset({"plan", "plan_fingerprint", "index", "num_slices", "chunks", "tokens", "sources"})
+
+
 def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
     root = Path(out_dir) / SLICES_DIR
     done = sorted(root.glob(f"slice-*-of-*/{SLICE_DONE}")) if root.is_dir() else []
@@ -419,9 +423,13 @@ def _load_slices(out_dir: Path) -> tuple[PipelinePlan, list[dict]]:
     summaries = []
     for p in done:
         try:
-            summaries.append(json.loads(p.read_text()))
+            summary = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{p}: not valid JSON ({e}); prepare this slice again") from e
+        missing = sorted(SLICE_KEYS - set(summary)) if isinstance(summary, dict) else sorted(SLICE_KEYS)
+        if missing:
+            raise ManifestError(f"{p}: not a slice summary (missing {missing}); prepare this slice again")
+        summaries.append(summary)
     # the preparation most slices belong to; any other slice is named, never merged
     groups = Counter((s["plan_fingerprint"], s["num_slices"]) for s in summaries)
     (fp, n), _ = groups.most_common(1)[0]
@@ -707,8 +715,15 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
     clear_outputs(out_dir, slices=False)
     dirs = [slice_dir(out_dir, s["index"], plan.num_slices) for s in summaries]
     tables = []
-    for sl, d in enumerate(dirs):
-        t = pa.ipc.open_stream(pa.memory_map(str(d / "examples.arrow"), "r")).read_all()
+    for sl, (d, summary) in enumerate(zip(dirs, summaries)):
+        try:
+            t = pa.ipc.open_stream(pa.memory_map(str(d / "examples.arrow"), "r")).read_all()
+        except (OSError, pa.ArrowException) as e:
+            raise ManifestError(f"{d / 'examples.arrow'}: unreadable ({e}); prepare this slice again") from e
+        written = sum(x["written"] for x in summary["sources"])
+        if t.schema != EXAMPLES_SCHEMA or t.num_rows != written:
+            raise ManifestError(f"{d / 'examples.arrow'}: {t.num_rows} examples (or another schema), its slice.json "
+                                f"records {written}; prepare this slice again")
         tables.append(t.append_column("slice", _np(np.full(t.num_rows, sl, np.int32))))
     table = pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
     order = np.argsort(_to_np(table["chunk"]), kind="stable")  # chunk order = single-process order

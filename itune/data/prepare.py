@@ -377,8 +377,8 @@ def load_mixture(path: str | Path) -> tuple[list[dict], int | None]:
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the mixture file ({e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list) or not doc["sources"]:
         raise ConfigError(f"{path}: a mixture file is a mapping with a non-empty list 'sources' "
