@@ -201,8 +201,9 @@ def _inspect(a) -> int:
     for split, info in m["splits"].items():  # per-task statistics
         trained = info.get("trainable_tokens_per_task", {})
         print(f"== {split}: task, examples" + (", trained tokens" if trained else ""))
-        for task, n in info["examples_per_task"].items():
-            print(f"{task}\t{n}" + (f"\t{trained.get(task, 0)}" if trained else ""))
+        for task, n in info.get("examples_per_task", {}).items():
+            name = task if task.isprintable() else repr(task)  # a tab or newline in a name would break the table
+            print(f"{name}\t{n}" + (f"\t{trained.get(task, 0)}" if trained else ""))
     return 0
 
 

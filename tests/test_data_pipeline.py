@@ -447,15 +447,19 @@ def test_examples_are_shuffled_before_packing(tmp_path):
 def test_inspect_marks_trained_tokens_and_prints_task_statistics(tmp_path, capsys):
     f = _jsonl(tmp_path / "t.jsonl", [{"prompt": "Say hi", "completion": "hi", "task": "greet"},
                                       {"prompt": "Say yes", "completion": "yes", "task": "agree"},
-                                      {"prompt": "Say no", "completion": "no", "task": "agree"}])
+                                      {"prompt": "Say no", "completion": "no", "task": "agree"},
+                                      {"prompt": "Say ok", "completion": "ok", "task": "two\twords\n"}])
     prepare_sources(_opts(tmp_path / "o", [f], seq_len=64, task_field="task", pack=False))
     capsys.readouterr()
-    assert main(["inspect", str(tmp_path / "o"), "--rows", "3"]) == 0
+    assert main(["inspect", str(tmp_path / "o"), "--rows", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
     shown = sorted(line for line in out if line.startswith("<s>"))
     # the first piece carries the metaspace prefix; the response and its EOS are trained
-    assert shown == ["<s> Say hi[[ hi]][[</s>]]", "<s> Say no[[ no]][[</s>]]", "<s> Say yes[[ yes]][[</s>]]"]
-    assert out[-3:] == ["== train: task, examples, trained tokens", "agree\t2\t4", "greet\t1\t2"]
+    assert shown == ["<s> Say hi[[ hi]][[</s>]]", "<s> Say no[[ no]][[</s>]]", "<s> Say ok[[ ok]][[</s>]]",
+                     "<s> Say yes[[ yes]][[</s>]]"]
+    # a name with a tab or newline is shown escaped, so the table keeps one line per task
+    assert out[-4:] == ["== train: task, examples, trained tokens", "agree\t2\t4", "greet\t1\t2",
+                        "'two\\twords'\t1\t2"]
 
 
 def test_example_mixture_file_is_valid():
