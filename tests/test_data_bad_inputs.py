@@ -410,3 +410,24 @@ def test_mixture_file_that_is_not_utf8_is_named(tmp_path):
     bad.write_bytes(b"sources:\n  - path: caf\xe9.jsonl\n")
     with pytest.raises(ConfigError, match=r"mix.yaml: cannot read the mixture file \('utf-8' codec can't decode"):
         load_mixture(bad)
+
+
+def test_merge_refuses_token_ids_outside_the_vocabulary(tmp_path, chats):
+    """A slice's tokens.bin changed after preparation so that an id is outside the tokenizer's vocabulary (which
+    would fail in the embedding lookup mid-training) is named by the merge instead of written into shards."""
+    import numpy as np
+
+    out = tmp_path / "o"
+    for i in range(2):
+        prepare_sources(_opts(out, [chats], shard_index=i, num_shards=2, chunk_records=1))
+    tokens = out / "slices" / "slice-00001-of-00002" / "tokens.bin"
+    stored = np.frombuffer(tokens.read_bytes(), dtype=np.uint32).copy()
+    good = stored.copy()
+    stored[2] = 40_000  # an untrained id past mistral's 32,768
+    tokens.write_bytes(stored.tobytes())
+    with pytest.raises(ManifestError, match=r"slice-00001-of-00002/tokens.bin: token id 40000 is outside the "
+                                            r"tokenizer's vocabulary of 32768"):
+        merge_slices(out)
+    assert not list(out.glob("train-*.arrow")) and not (out / "manifest.json").exists()
+    tokens.write_bytes(good.tobytes())
+    assert verify(merge_slices(out) and out) == []

@@ -558,11 +558,12 @@ def _write_shard(job: dict) -> dict:
     """Writes one shard from a self-contained job (built by :func:`write_split_rows`, run in any process); returns
     its manifest entry.
 
-    ``job``: ``path`` (the shard file), ``dirs`` (slice directories), ``seq_len``, ``pad_id``, ``per_row`` (int64
+    ``job``: ``path`` (the shard file), ``dirs`` (slice directories), ``seq_len``, ``pad_id``, ``vocab_size``
+    (optional: a stored id at or above it is a damaged slice, a :class:`ManifestError`), ``per_row`` (int64
     [rows]: examples per row), and per example of the shard in row order ``length``, ``slice``, ``offset`` (int64
     arrays) and ``id`` (Arrow strings).
     """
-    path, seq_len, pad_id = Path(job["path"]), job["seq_len"], job["pad_id"]
+    path, seq_len, pad_id, vocab_size = Path(job["path"]), job["seq_len"], job["pad_id"], job.get("vocab_size")
     per_row_all = job["per_row"]
     first = np.concatenate([[0], np.cumsum(per_row_all)])  # first example of each row
     reader = _TokenReader(job["dirs"])
@@ -576,6 +577,11 @@ def _write_shard(job: dict) -> dict:
                 lens = job["length"][e0:e1]
                 stored = reader.gather(job["slice"][e0:e1], job["offset"][e0:e1], lens)
                 ids, labs = unpack_tokens(stored)  # the batch's examples one after another, in row order
+                if vocab_size is not None and len(ids) and int(ids.max()) >= vocab_size:
+                    k = int(np.searchsorted(np.cumsum(lens), int(np.argmax(ids >= vocab_size)), side="right"))
+                    bad = Path(job["dirs"][int(job["slice"][e0 + k])]) / "tokens.bin"
+                    raise ManifestError(f"{bad}: token id {int(ids.max())} is outside the tokenizer's vocabulary of "
+                                        f"{vocab_size}; the file is damaged: prepare this slice again")
                 row_of = np.repeat(np.arange(r, dtype=np.int64), per_row)  # row of each example
                 fill = np.bincount(row_of, weights=lens, minlength=r).astype(np.int64)  # tokens per row
                 # a row holds its examples back to back from position 0, then padding: in row-major order the
@@ -609,7 +615,7 @@ def _write_shard(job: dict) -> dict:
 
 def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dirs: list[Path], seq_len: int,
                      pad_id: int, seed: int, packed: bool, max_rows_per_shard: int, pool=None,
-                     procs: int = 1) -> dict:
+                     procs: int = 1, vocab_size: int | None = None) -> dict:
     """Shuffles the selected examples, packs them, shuffles the rows, writes the shards; returns the split entry.
 
     Args:
@@ -618,6 +624,8 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dir
         dirs: the slice directories (``meta["slice"]`` indexes them; tokens are read from their ``tokens.bin``).
         pool, procs: a ``ProcessPoolExecutor`` of ``procs - 1`` processes that write shards too (shard s is
             written by this process when ``s % procs == 0``); the files are the same without it.
+        vocab_size: the tokenizer's vocabulary size; a stored token id at or above it raises
+            :class:`ManifestError` naming the slice's ``tokens.bin`` (damaged after preparation).
 
     Shuffle order is decided over examples before packing (``random.Random(seed)``) and over rows after it.
     Rows are built ``WRITE_BATCH_ROWS`` at a time. The rows are split evenly over ``ceil(rows /
@@ -638,7 +646,7 @@ def write_split_rows(out_dir: Path, split: str, sel: np.ndarray, meta: dict, dir
         part = rows[bounds[s]:bounds[s + 1]]
         g = ex[np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64)] if part else ex[:0]
         return {"path": str(out_dir / f"{split}-{s:05d}-of-{num_shards:05d}.arrow"), "dirs": dirs,
-                "seq_len": seq_len, "pad_id": pad_id,
+                "seq_len": seq_len, "pad_id": pad_id, "vocab_size": vocab_size,
                 "per_row": np.fromiter(map(len, part), dtype=np.int64, count=len(part)),
                 "length": meta["length"][g].astype(np.int64), "slice": meta["slice"][g].astype(np.int64),
                 "offset": meta["offset"][g].astype(np.int64), "id": meta["id"].take(_np(g))}
@@ -783,7 +791,7 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
     parts = [("train", sel)] + ([("test", np.flatnonzero(is_test))] if heldout else [])
     for split, idx in parts:
         info = write_split_rows(out_dir, split, idx, meta, dirs, plan.seq_len, pad_id, plan.seed, plan.pack,
-                                plan.max_rows_per_shard, pool, num_proc)
+                                plan.max_rows_per_shard, pool, num_proc, plan.tokenizer_info.get("vocab_size"))
         written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
         rej = rejected if split == "train" else rejected_test
         if plan.task_field:
