@@ -431,3 +431,14 @@ def test_merge_refuses_token_ids_outside_the_vocabulary(tmp_path, chats):
     assert not list(out.glob("train-*.arrow")) and not (out / "manifest.json").exists()
     tokens.write_bytes(good.tobytes())
     assert verify(merge_slices(out) and out) == []
+
+
+def test_a_task_field_no_record_has_is_named_with_the_keys_present(tmp_path, capsys):
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a", "category": "c"}])
+    rc = main(["prepare", "--input", str(f), "--tokenizer", str(MISTRAL), "--task-field", "task",
+               "--heldout-tasks", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "d.jsonl:1: field 'task' (the task name, --task-field) is missing or empty (found None; keys " \
+        "present: ['category', 'completion', 'prompt']); if no record has it, give --task-field the field" in err
+    m = prepare_sources(_opts(tmp_path / "o2", [f], task_field="category", heldout_tasks=["c"]))
+    assert m["splits"]["test"]["counts"]["written"] == 1

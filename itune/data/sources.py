@@ -656,7 +656,8 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
         value = rec.get(task_field)
         if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
             raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
-                                        f"(found {_short(value)})")
+                                        f"(found {_short(value)}; keys present: {sorted(rec)}); if no record has "
+                                        "it, give --task-field the field that names each record's task")
         name = str(value).strip()
         if not utf8_encodable(name):
             raise r.err("invalid_utf8", f"field {task_field!r} (the task name) is not valid UTF-8 text")
