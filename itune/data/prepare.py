@@ -126,9 +126,6 @@ def prepare_superni(opts: PrepareOptions) -> dict:
     opts.superni_dir, opts.out_dir = Path(opts.superni_dir), Path(opts.out_dir)
     opts.tokenizer = Path(os.path.abspath(opts.tokenizer))  # the manifest names it for later readers, from any folder
     problems = _common_problems(opts)
-    if not utf8_encodable(str(opts.superni_dir)):
-        problems.append(f"--superni {str(opts.superni_dir)!r}: the path is not valid UTF-8; rename it (task file "
-                        "paths are written into the manifest and the rejects file)")
     if opts.seq_len < 16:
         problems.append(f"seq_len {opts.seq_len} is too small (minimum 16 tokens)")
     if opts.max_instances_per_task is not None and opts.max_instances_per_task < 1:
@@ -293,7 +290,10 @@ def _common_problems(opts) -> list[str]:
         v = getattr(opts, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
             problems.append(f"{name} {v!r}: must be >= {lowest}")
-    for what, path in (("--out", opts.out_dir), ("--tokenizer", opts.tokenizer)):
+    paths = [("--out", opts.out_dir), ("--tokenizer", opts.tokenizer)]
+    if isinstance(opts, PrepareOptions):
+        paths.append(("--superni", opts.superni_dir))
+    for what, path in paths:
         if not utf8_encodable(str(path)):
             problems.append(f"{what} {str(path)!r}: the path is not valid UTF-8; rename it (paths are written into "
                             "the manifest and read back by training and evaluation)")

@@ -250,8 +250,9 @@ def verify(data_dir: str | Path) -> list[str]:
             problems += [x for x in pool.map(lambda sh: check_shard_file(data_dir, sh), info["shards"])
                          if x is not None]
         if "eval_file" in info:
-            problems += [x for x in [check_shard_file(data_dir, {"file": info["eval_file"],
-                                                                 "sha256": info.get("eval_sha256")})] if x]
+            eval_problem = check_shard_file(data_dir, {"file": info["eval_file"], "sha256": info.get("eval_sha256")})
+            if eval_problem:
+                problems.append(eval_problem)
         try:
             t = open_split(data_dir, split)
         except (ManifestError, OSError, pa.ArrowException) as e:
@@ -262,14 +263,16 @@ def verify(data_dir: str | Path) -> list[str]:
         nulls = [c for c in SCHEMA.names if t[c].null_count or any(x.flatten().null_count for x in t[c].chunks)]
         if nulls:
             problems.append(f"{split}: nulls in {nulls}")
-        for c in ("input_ids", "labels", "position_ids"):
-            if (_list_lengths(t[c]) != seq_len).any():
-                problems.append(f"{split}: {c} rows whose length is not seq_len {seq_len}")
+        for col in ("input_ids", "labels", "position_ids"):
+            if (_list_lengths(t[col]) != seq_len).any():
+                problems.append(f"{split}: {col} rows whose length is not seq_len {seq_len}")
         per_row = _list_lengths(t["example_lengths"])
         if (per_row != _list_lengths(t["example_ids"])).any():
             problems.append(f"{split}: rows whose example_ids and example_lengths differ in number")
-        lengths = np.concatenate([arrow_to_numpy(x.flatten()).astype(np.int64) for x in t["example_lengths"].chunks]
-                                 or [np.zeros(0, np.int64)]) if not nulls else np.zeros(0, np.int64)
+        lengths = np.zeros(0, np.int64)  # every example's length, rows one after another
+        if not nulls and t.num_rows:
+            chunks = t["example_lengths"].chunks
+            lengths = np.concatenate([arrow_to_numpy(x.flatten()) for x in chunks]).astype(np.int64)
         filled = np.concatenate([[0], np.cumsum(lengths)])
         bounds = np.concatenate([[0], np.cumsum(per_row)])
         if len(lengths) and ((lengths < 1).any() or (filled[bounds[1:]] - filled[bounds[:-1]] > seq_len).any()):
