@@ -27,7 +27,7 @@ def main():
     from itune.data import shards
     from itune.loader import PackedRows, step_row_ids
     from itune.loss import count_targets, sum_cross_entropy
-    from itune.model import build_model, lr_lambda, model_config, param_groups
+    from itune.model import attention, build_model, lr_lambda, model_config, param_groups
 
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -44,7 +44,7 @@ def main():
     hf_config = model_config(cfg, m["tokenizer"]["vocab_size"])
     for k in ("bos_id", "eos_id", "pad_id"):
         setattr(hf_config, k.replace("_id", "_token_id"), m["tokenizer"][k])
-    model = build_model(cfg, hf_config, bf16=False)
+    model = build_model(cfg, hf_config, False, attention(cfg, hf_config, False)[0])
     model.train()
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -96,8 +96,30 @@ def gathered_state_dict(engine) -> dict | None:
     return sd if tdist.get_rank() == 0 else None
 
 
+def drop_tied_aliases(model, state_dict: dict) -> dict:
+    """The state dict without the second names of tied weights (``lm_head.weight`` when it is
+    ``model.embed_tokens.weight``): safetensors refuses tensors that share memory, and transformers re-ties them
+    on load from ``tie_word_embeddings``, as its own ``save_pretrained`` does. A key is dropped only when its tensor
+    shares storage with a kept key and the module lists it under no parameter or buffer name of its own
+    (``named_parameters`` names a tied parameter once)."""
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    kept: dict = {}
+    seen: dict = {}
+    for k in sorted(state_dict, key=lambda k: k not in own):  # canonical names first
+        v = state_dict[k]
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if ptr is not None and ptr in seen and k not in own:
+            continue
+        if ptr is not None:
+            seen.setdefault(ptr, k)
+        kept[k] = v
+    return {k: kept[k] for k in state_dict if k in kept}
+
+
 def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_dir: Path) -> None:
     """Writes safetensors weights, config, generation config and tokenizer files to ``out_dir`` (rank 0 only).
+
+    Tied weights are written once (:func:`drop_tied_aliases`); ``config.json`` keeps ``tie_word_embeddings``.
 
     Raises:
         RuntimeError: a tensor is empty or its shape differs from the model's (the ZeRO-3 "empty export" bug,
@@ -115,7 +137,8 @@ def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_di
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+    save_file({k: v.contiguous() for k, v in drop_tied_aliases(model, state_dict).items()},
+              str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     import copy
 
@@ -132,9 +155,14 @@ def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_di
     os.replace(tmp, out_dir)
 
 
-def load_export(path: Path, dtype=torch.float32):
-    """Loads an export with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code)."""
+def load_export(path: Path, dtype=torch.float32, attn_implementation: str | None = None):
+    """Loads an export with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code).
+
+    Args:
+        attn_implementation: as the run trained (None: transformers' default for the model class).
+    """
     from transformers import AutoModelForCausalLM
 
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=False)
+                                                trust_remote_code=False, **kw)

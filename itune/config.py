@@ -18,16 +18,30 @@ import yaml
 from itune.errors import ConfigError
 
 
+#: the model built from scratch when neither ``model.pretrained`` nor ``model.architecture`` says otherwise
+DEFAULT_ARCHITECTURE = {
+    "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "initializer_range": 0.02,
+}
+
+
 @dataclass
 class ModelConfig:
     """The model to train.
 
     Attributes:
         pretrained: a Hugging Face checkpoint directory (loaded with safetensors under ``deepspeed.zero.Init``);
-            None builds a Llama-style model from ``architecture`` with random weights.
-        architecture: ``LlamaConfig`` fields used when ``pretrained`` is None (``vocab_size`` defaults to the
-            tokenizer's).
-        attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` (CUDA + flash-attn only).
+            its ``config.json`` defines the model. None builds a Llama-style model from ``architecture`` with random
+            weights.
+        architecture: ``LlamaConfig`` fields of a model built from scratch, merged over
+            :data:`DEFAULT_ARCHITECTURE` (``vocab_size`` defaults to the tokenizer's); refused together with
+            ``pretrained``. Empty when ``pretrained`` is set.
+        attn_implementation: ``auto`` (default: flash-attention 3 or 2 on CUDA when installed and supported by the
+            family, else ``sdpa`` when the model supports it, else ``eager``; see
+            :func:`itune.families.choose_attn_implementation`), ``sdpa``, ``eager``, ``flash_attention_2`` or
+            ``flash_attention_3`` (CUDA + the flash-attn package). Packed-row isolation is probed on the loaded
+            model whatever the choice.
         gradient_checkpointing: recompute activations in backward (non-reentrant).
         dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
         trust_remote_code: allow model code from the checkpoint directory (off by default).
@@ -36,20 +50,20 @@ class ModelConfig:
             tokenizer size before training, new rows set to the mean of the old rows; false refuses such a run.
         pad_vocab_size_to_multiple_of: round a resized embedding up to a multiple of this many rows (1 = exactly
             the tokenizer size, as transformers' ``pad_to_multiple_of=None``; 64 suits tensor cores).
+        zero3_leaf_modules: register the family's MoE blocks as ZeRO-3 leaf modules
+            (``deepspeed.utils.set_z3_leaf_modules``: a block's parameters are gathered at once, not per expert);
+            no effect on dense models or below ZeRO stage 3.
     """
 
     pretrained: str | None = None
-    architecture: dict = field(default_factory=lambda: {
-        "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False, "initializer_range": 0.02,
-    })
-    attn_implementation: str = "sdpa"
+    architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = True
     dtype: str = "auto"
     trust_remote_code: bool = False
     resize_token_embeddings: bool = True
     pad_vocab_size_to_multiple_of: int = 1
+    zero3_leaf_modules: bool = True
 
 
 @dataclass
@@ -237,11 +251,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"override {ov!r}: expected key.sub=value")
         k, v = ov.split("=", 1)
         _set_path(tree, k.strip(), yaml.safe_load(v))
-    # architecture dicts merge with the defaults instead of replacing them
-    arch = tree.get("model", {}).get("architecture") if isinstance(tree.get("model"), dict) else None
-    if isinstance(arch, dict):
-        tree["model"]["architecture"] = {**ModelConfig().architecture, **arch}
     errors: list[str] = []
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else None
+    if model is not None and model.get("pretrained") is not None:
+        # the checkpoint's config.json defines the model: an architecture beside it would be ignored
+        if model.get("architecture") not in (None, {}):
+            errors.append(f"model.architecture and model.pretrained are both set: the checkpoint's config.json "
+                          f"defines the model ({model['pretrained']}), so model.architecture would be ignored; "
+                          "remove model.architecture (or override model.architecture=null)")
+        model["architecture"] = {}
+    elif model is not None and model.get("architecture", {}) is None:
+        model["architecture"] = dict(DEFAULT_ARCHITECTURE)
+    # architecture dicts merge with the defaults instead of replacing them
+    arch = model.get("architecture") if model is not None else None
+    if isinstance(arch, dict) and model.get("pretrained") is None:
+        model["architecture"] = {**DEFAULT_ARCHITECTURE, **arch}
     cfg = _build(RunConfig, tree, "", errors)
     errors.extend(validate(cfg))
     if errors:
@@ -273,6 +297,10 @@ _ARCH_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "num_key_value_heads", "max_position_embeddings", "vocab_size")
 
 
+#: values of ``model.attn_implementation``
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Returns every problem with value ranges and combinations (empty when valid). Values of a wrong type are
     skipped here: the schema check (:func:`load_config`) reports them."""
@@ -299,9 +327,9 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append(f"optim.schedule: {cfg.optim.schedule!r} is not one of cosine, linear, constant")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         e.append(f"model.dtype: {cfg.model.dtype!r} is not one of auto, bf16, fp32")
-    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not sdpa, eager or "
-                 "flash_attention_2")
+    if cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not one of "
+                 f"{', '.join(ATTN_IMPLEMENTATIONS)}")
     return e
 
 

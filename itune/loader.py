@@ -31,6 +31,8 @@ class Batch:
         input_ids, labels, position_ids: int64 tensors [micro_batch_size, seq_len]. labels are unshifted.
         row_ids: global row indices, -1 for all-padding filler rows.
         real_tokens: tokens of the batch that belong to examples (not padding).
+        real_mask: bool [micro_batch_size, seq_len], True on tokens of examples (a row's examples come first,
+            then its padding tail); None when not built.
     """
 
     input_ids: torch.Tensor
@@ -38,6 +40,7 @@ class Batch:
     position_ids: torch.Tensor
     row_ids: list[int]
     real_tokens: int = 0
+    real_mask: torch.Tensor | None = None
 
 
 class PackedRows:
@@ -65,9 +68,10 @@ class PackedRows:
             else:
                 for k, col in self._cols.items():
                     out[k][j] = col[int(r)].values.to_numpy()
+        real = torch.tensor([self._real[r] if r >= 0 else 0 for r in row_ids])
         return Batch(torch.from_numpy(out["input_ids"]), torch.from_numpy(out["labels"]),
-                     torch.from_numpy(out["position_ids"]), list(row_ids),
-                     sum(self._real[r] for r in row_ids if r >= 0))
+                     torch.from_numpy(out["position_ids"]), list(row_ids), int(real.sum()),
+                     torch.arange(self.seq_len)[None, :] < real[:, None])
 
 
 def step_row_ids(plan: BatchPlan, seed: int, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:

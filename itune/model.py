@@ -64,19 +64,26 @@ def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidde
 
 def check_model_config(cfg: RunConfig) -> list[str]:
     """Problems with the model section found without building anything: unknown ``architecture`` keys (checked
-    against ``LlamaConfig``), head arithmetic, a missing checkpoint directory."""
+    against ``LlamaConfig``), head arithmetic, a missing or unreadable checkpoint config, an attention
+    implementation the model refuses."""
     from transformers import LlamaConfig
 
     e = []
-    if cfg.model.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
-            e.append("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package; "
-                     "use sdpa (the default) here")
+    hf_config = LlamaConfig()
     if cfg.model.pretrained:
-        if not (Path(cfg.model.pretrained) / "config.json").is_file():
-            e.append(f"model.pretrained: {cfg.model.pretrained} is not a Hugging Face model directory (no config.json)")
+        d = Path(cfg.model.pretrained)
+        if not (d / "config.json").is_file():
+            return [f"model.pretrained: {d} is not a Hugging Face model directory (no config.json)"]
+        try:
+            hf_config = model_config(cfg, 0)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a config.json transformers cannot read
+            return [f"model.pretrained: {d / 'config.json'} cannot be read by transformers ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200] if str(err) else ''})"]
+    try:
+        attention(cfg, hf_config, torch.cuda.is_available())
+    except ConfigError as err:
+        e.append(str(err))
+    if cfg.model.pretrained:
         return e
     known = set(LlamaConfig().to_dict())
     for k in cfg.model.architecture:
@@ -104,6 +111,17 @@ def model_config(cfg: RunConfig, vocab_size: int):
         c = LlamaConfig(**{"vocab_size": vocab_size, **cfg.model.architecture})
     c.use_cache = False
     return c
+
+
+def attention(cfg: RunConfig, hf_config, cuda: bool) -> tuple[str, str]:
+    """``model.attn_implementation`` resolved for this model (:func:`itune.families.choose_attn_implementation`).
+
+    Raises:
+        ConfigError: a value the model refuses, naming ``model.attn_implementation`` and the values that work.
+    """
+    from itune.families import choose_attn_implementation
+
+    return choose_attn_implementation(cfg.model.attn_implementation, hf_config, cuda)
 
 
 def embedding_rows(model_rows: int, tokenizer_size: int, model_cfg: ModelConfig) -> int:
@@ -188,17 +206,22 @@ def resize_embeddings(model, rows: int, ds_config: dict | None = None) -> int | 
     return old_rows
 
 
-def build_model(cfg: RunConfig, hf_config, bf16: bool):
+def build_model(cfg: RunConfig, hf_config, bf16: bool, attn_implementation: str):
     """Builds (random init) or loads (safetensors) the model; partitioned at construction when ZeRO-3 is active.
 
     The caller must have created ``transformers.integrations.HfDeepSpeedConfig`` for a ZeRO-3 config and keep it
     alive: transformers then constructs under ``deepspeed.zero.Init`` so no rank holds the full model.
+
+    Args:
+        attn_implementation: resolved by :func:`attention` (never ``auto``).
+
+    Raises:
+        ConfigError: a checkpoint file that cannot be read (names the directory).
     """
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    kw = dict(attn_implementation=cfg.model.attn_implementation, dtype=dtype,
-              trust_remote_code=cfg.model.trust_remote_code)
+    kw = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.pretrained:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, config=hf_config, use_safetensors=True,
                                                      **kw)
@@ -243,12 +266,21 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 def flops_per_token(hf_config, seq_len: int) -> float:
     """Training FLOPs per token: 6 x N (non-embedding matmul params) + 12 x layers x hidden x seq_len (attention
-    scores and values, forward + backward), as in the PaLM paper (Chowdhery et al. 2022, appendix B)."""
-    h = hf_config.hidden_size
-    L = hf_config.num_hidden_layers
-    inter = hf_config.intermediate_size
-    kv = getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads)
-    head = h // hf_config.num_attention_heads
-    per_layer = h * h * 2 + 2 * h * kv * head + 3 * h * inter
-    n = L * per_layer + h * hf_config.vocab_size  # + LM head
+    scores and values, forward + backward), as in the PaLM paper (Chowdhery et al. 2022, appendix B).
+
+    N counts, per layer, the q/o projections (2 x hidden x heads x head_dim), k/v (2 x hidden x kv_heads x
+    head_dim) and a gated MLP of 3 x hidden x intermediate per active expert (``num_experts_per_tok`` experts of
+    ``moe_intermediate_size`` for a MoE), plus the LM head. Hybrid layers (Mamba, linear attention) are counted as
+    attention layers: an estimate there.
+    """
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    h, L = c.hidden_size, c.num_hidden_layers
+    heads = c.num_attention_heads
+    head = getattr(c, "head_dim", None) or h // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    top_k = getattr(c, "num_experts_per_tok", None) or getattr(c, "experts_per_token", None)
+    inter = (getattr(c, "moe_intermediate_size", None) if top_k else None) or getattr(c, "intermediate_size", None) \
+        or 4 * h
+    per_layer = 2 * h * heads * head + 2 * h * kv * head + 3 * h * inter * (top_k or 1)
+    n = L * per_layer + h * c.vocab_size  # + LM head
     return 6 * n + 12 * L * h * seq_len

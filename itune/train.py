@@ -5,6 +5,7 @@ Reads top to bottom as the loop. Every rank runs this; only rank 0 prints and wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -23,10 +24,15 @@ from itune.config import BatchPlan, RunConfig, to_dict
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, ManifestError
+from itune.families import Isolation, RouterAux, forward_packed, moe_leaf_classes, probe_isolation, refusal_message, \
+    router_aux
 from itune.loader import PackedRows, step_row_ids
 from itune.loss import count_targets, sum_cross_entropy
-from itune.model import (build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda, model_config,
-                         param_groups, resize_embeddings, use_bf16)
+from itune.model import (attention, build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda,
+                         model_config, param_groups, resize_embeddings, use_bf16)
+
+#: the isolation of a model whose forward builds a block-diagonal mask from restarting position_ids (most families)
+POSITION_IDS = Isolation(("position_ids",))
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1; relaunch to resume
 
@@ -166,7 +172,8 @@ def check_data(cfg: RunConfig, manifest: dict) -> Path:
     return tokenizer_dir
 
 
-def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int) -> tuple[float, int]:
+def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int,
+                  isolation: Isolation = POSITION_IDS) -> tuple[float, int]:
     """Held-out loss (sum CE / trained tokens) over every row of ``rows``; every rank runs the same number of
     forward passes (padding rows fill the last ones) so ZeRO-3 gathers stay in step."""
     n = len(rows)
@@ -178,7 +185,7 @@ def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int) -
         for p in range(passes):
             ids = [p * per_pass + rank * micro + j for j in range(micro)]
             b = rows.rows([i if i < n else -1 for i in ids])
-            logits = engine(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+            logits = forward_packed(engine, b.input_ids, b.position_ids, isolation).logits
             total += float(sum_cross_entropy(logits, b.labels, b.position_ids))
             count += count_targets(b.labels, b.position_ids)
     engine.train()
@@ -186,11 +193,11 @@ def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int) -
     return (total / count if count else float("nan")), count
 
 
-def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2) -> float:
+def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2, isolation: Isolation = POSITION_IDS) -> float:
     """Loss of rows 0..n-1 (sum CE / trained tokens): compares the engine with its export."""
     b = rows.rows(list(range(min(n, len(rows)))))
     with torch.no_grad():
-        logits = model_fn(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+        logits = forward_packed(model_fn, b.input_ids, b.position_ids, isolation).logits
         return float(sum_cross_entropy(logits, b.labels, b.position_ids)) / max(1, count_targets(b.labels,
                                                                                                b.position_ids))
 
@@ -206,25 +213,28 @@ def training_record(s: "Setup", step: int) -> dict:
 
 
 def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, rows: PackedRows, rank: int,
-                    record: dict | None = None) -> Path:
+                    record: dict | None = None, isolation: Isolation = POSITION_IDS) -> Path:
     """Gathers the weights (every rank), writes the HF export (rank 0), reloads it with ``from_pretrained`` and
-    checks that its loss on a fixed batch equals the engine's (|diff| <= 1e-4); writes ``export_check.json`` and
-    ``itune_training.json`` (``record``).
+    checks that its loss on a fixed batch equals the engine's (|diff| <= 1e-4), both called with the run's
+    isolation method; writes ``export_check.json`` and ``itune_training.json`` (``record``).
 
     Raises:
         RuntimeError: an empty or misshapen tensor, or a loss mismatch.
     """
     engine.eval()
-    engine_loss = fixed_batch_loss(engine, rows)
+    engine_loss = fixed_batch_loss(engine, rows, isolation=isolation)
     sd = checkpoint.gathered_state_dict(engine)
     if rank == 0:
         checkpoint.write_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # load the export as a plain (unpartitioned) model
-        export_loss = fixed_batch_loss(checkpoint.load_export(export_dir), rows)
+        exported = checkpoint.load_export(export_dir, attn_implementation=engine.module.config._attn_implementation)
+        export_loss = fixed_batch_loss(exported, rows, isolation=Isolation(isolation.methods,
+                                                                           exported.config.get_text_config()))
         check = {"engine_loss": engine_loss, "export_loss": export_loss, "rows": [0, 1],
-                 "abs_diff": abs(engine_loss - export_loss)}
+                 "abs_diff": abs(engine_loss - export_loss), "isolation": isolation.name,
+                 "tied_embeddings": _tied(exported)}
         (export_dir / "export_check.json").write_text(json.dumps(check, indent=2))
         if record is not None:
             (export_dir / "itune_training.json").write_text(json.dumps(record, indent=2))
@@ -256,6 +266,10 @@ class Setup:
     log: RankZeroLog
     keepalive: object
     vocab_resize: dict | None = None  # rows before/after and per-rank partition sizes, when embeddings were resized
+    isolation: Isolation = POSITION_IDS  # how packed rows are kept apart (chosen by the probe)
+    probe: dict | None = None  # the isolation probe's result (start-up log, train_summary.json)
+    aux: RouterAux | None = None  # the router load-balancing loss of a MoE model
+    model_info: dict = field(default_factory=dict)  # family, attention, tied embeddings, MoE leaf modules
     skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
 
 
@@ -280,6 +294,8 @@ def resume_config_changes(old: dict, new: dict) -> list[str]:
 
     for section in ("model", "optim"):
         o = {k: v for k, v in old.get(section, {}).items() if k not in RESUME_FREE_MODEL_KEYS or section != "model"}
+        if section == "model" and new["model"].get("pretrained"):
+            o.pop("architecture", None)  # unused with a checkpoint (earlier versions saved the default there)
         walk(o, new[section], section)
     for section, key in (("train", "seed"), ("data", "train_split")):
         if key in old.get(section, {}):
@@ -413,10 +429,17 @@ def setup(cfg: RunConfig) -> Setup:
     ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
     if resume_state is not None and resume_state["world_size"] != world:
         ds_config["checkpoint"] = {"load_universal": True}
+    attn, attn_reason = attention(cfg, hf_config, cuda)
     keepalive = HfDeepSpeedConfig(ds_config)  # transformers builds under zero.Init while this object lives
-    model = build_model(cfg, hf_config, bf16)
+    model = build_model(cfg, hf_config, bf16, attn)
     old_rows = resize_embeddings(model, rows, ds_config)  # before the optimizer: it holds the new parameters
     hf_config.vocab_size = rows  # the export's config
+    leaves = moe_leaf_classes(model)
+    if leaves and cfg.model.zero3_leaf_modules and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaves)  # ZeRO-3 gathers an expert block at once (before initialize)
+    aux = router_aux(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, plan.total_steps))
@@ -425,8 +448,24 @@ def setup(cfg: RunConfig) -> Setup:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     local = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
                 for p in engine.module.parameters())
-    log.print(f"model: {n_params:,} parameters ({local:,} held by rank 0), bf16={bf16}, "
-              f"attention={cfg.model.attn_implementation}, gradient checkpointing={cfg.model.gradient_checkpointing}")
+    model_info = {"model_type": getattr(hf_config, "model_type", None), "class": type(engine.module).__name__,
+                  "attn_implementation": attn, "attn_reason": attn_reason, "tied_embeddings": _tied(engine.module),
+                  "parameters": n_params, "zero3_leaf_modules": leaves if cfg.model.zero3_leaf_modules else [],
+                  "router_aux_loss_coef": aux.coef if aux is not None else None}
+    log.print(f"model: {model_info['class']} ({model_info['model_type']}), {n_params:,} parameters ({local:,} held "
+              f"by rank 0), bf16={bf16}, attention={attn} ({attn_reason}), tied embeddings="
+              f"{model_info['tied_embeddings']}, gradient checkpointing={cfg.model.gradient_checkpointing}"
+              + (f", router aux loss x {aux.coef}" if aux is not None else "")
+              + (f", ZeRO-3 leaf modules {leaves}" if model_info["zero3_leaf_modules"] else ""))
+    packed = manifest.get("packing", "best_fit_decreasing") != "none"
+    probe = probe_isolation(engine.module, min(rows, manifest["tokenizer"]["vocab_size"]), packed=packed)
+    log.print(f"packed-row isolation: {probe['method'] or 'none'} ("
+              + "; ".join(f"{t['method']}: " + (t["error"] if "error" in t else
+                                                 f"leak {t['leak']:.2g}, packed vs alone {t['diff_later']:.2g}, "
+                                                 f"tolerance {t['tolerance']:.2g}") for t in probe["tried"])
+              + f"; {probe['seconds']:.1f} s)" + ("" if packed else "; the data is not packed"))
+    if probe["isolation"] is None:
+        raise ConfigError(refusal_message(probe, cfg.data.path))
     vocab_resize = None
     if old_rows is not None:
         vocab_resize = {"tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"], "old_rows": old_rows,
@@ -438,7 +477,14 @@ def setup(cfg: RunConfig) -> Setup:
                   f"parameters held per rank: input {vocab_resize['input_per_rank']}, output "
                   f"{vocab_resize['output_per_rank']}")
     return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
-                 out, ckpt_dir, resume_state, log, keepalive, vocab_resize)
+                 out, ckpt_dir, resume_state, log, keepalive, vocab_resize, isolation=probe["isolation"],
+                 probe={k: v for k, v in probe.items() if k != "isolation"}, aux=aux, model_info=model_info)
+
+
+def _tied(module) -> bool:
+    """Whether the output embedding is the input embedding (tied weights)."""
+    out = module.get_output_embeddings()
+    return out is not None and out.weight is module.get_input_embeddings().weight
 
 
 def embedding_partitions(module, rank: int, world: int) -> dict:
@@ -464,14 +510,25 @@ class StepResult:
     real_tokens: int  # non-padding tokens of the step, all ranks
     nonfinite_loss_ranks: list  # ranks whose loss of the step is inf or nan (same list on every rank)
     skipped_ranks: list  # ranks on which DeepSpeed skipped the update (non-finite gradient norm); all or none
+    aux_loss: float | None = None  # router load-balancing loss of the step (token-weighted, before its coefficient)
 
 
-def train_step(engine, batches: list, world: int, before_optimizer_step=None) -> StepResult:
+def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
+               isolation: Isolation = POSITION_IDS, aux: RouterAux | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step per micro-batch).
 
     Each micro-batch backpropagates ``sum_CE x accumulation x world / N`` with N the global count of trained
     tokens of the step, so after DeepSpeed's 1/accumulation scaling and mean over ranks the gradient is that of
     ``sum CE / N`` over the whole step, whatever the split (see :mod:`itune.loss`).
+
+    MoE models (``aux``) add the router load-balancing loss with the model's coefficient c:
+    ``loss_step = sum CE / N + c x sum_m (T_m / T) x aux_m``, with ``aux_m`` the model's own
+    ``load_balancing_loss_func`` over the real (non-padding) tokens of micro-batch m (all layers pooled), T_m its
+    real tokens and T the real tokens of the step over all micro-batches and ranks: a token-weighted mean, so a
+    micro-batch weighs by its tokens as in the cross-entropy, and a filler micro-batch of padding weighs 0. Each
+    micro-batch backpropagates ``(sum_CE_m / N + c x T_m x aux_m / T) x accumulation x world``. The returned
+    ``loss`` stays the token cross-entropy (runs with and without the aux loss compare); ``aux_loss`` is
+    ``sum_m T_m x aux_m / T``.
 
     DeepSpeed's ZeRO optimizers (stages 1-3, fp32 and bf16) skip the update when the global gradient norm is
     inf or nan: gradients are dropped, weights and optimizer state stay as they are, the lr scheduler is not
@@ -482,30 +539,43 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None) ->
         batches: this rank's micro-batches (:class:`itune.loader.Batch`), ``gradient_accumulation_steps`` of them.
         before_optimizer_step: called after the last backward and before the optimizer step (tests read
             gradients there).
+        isolation: how packed rows are kept apart (:func:`itune.families.probe_isolation`).
+        aux: the router auxiliary loss of a MoE model (:func:`itune.families.router_aux`), or None.
     """
     gas = len(batches)
     rank = tdist.get_rank()
     skipped_before = engine.skipped_steps
-    global_targets = all_reduce_sum(sum(count_targets(b.labels, b.position_ids) for b in batches))
+    counts = torch.tensor([sum(count_targets(b.labels, b.position_ids) for b in batches),
+                           sum(b.real_tokens for b in batches)], dtype=torch.float64)
+    tdist.all_reduce(counts)
+    global_targets, global_real = float(counts[0]), float(counts[1])
     scale = gas * world / max(global_targets, 1.0)
-    loss_sum, real = 0.0, 0
+    loss_sum, aux_sum, real = 0.0, 0.0, 0
     for i, b in enumerate(batches):
-        logits = engine(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+        with aux.capture(engine.module) if aux is not None else contextlib.nullcontext([]) as router_logits:
+            logits = forward_packed(engine, b.input_ids, b.position_ids, isolation).logits
         s = sum_cross_entropy(logits, b.labels, b.position_ids)
-        engine.backward(s * scale)
+        objective = s * scale
+        if aux is not None and b.real_tokens > 0:
+            a = aux.loss(router_logits, b.real_mask)
+            weight = b.real_tokens / global_real
+            objective = objective + aux.coef * weight * gas * world * a
+            aux_sum += float(a.detach()) * weight
+        engine.backward(objective)
         if i == gas - 1 and before_optimizer_step is not None:
             before_optimizer_step()
         engine.step()
         loss_sum += float(s.detach())
         real += b.real_tokens
-    t = torch.zeros(2 + 2 * world, dtype=torch.float64)  # [loss sum, real tokens, (loss non-finite, skipped) x rank]
-    t[0], t[1] = loss_sum, real
-    t[2 + 2 * rank] = not math.isfinite(loss_sum)
-    t[3 + 2 * rank] = engine.skipped_steps > skipped_before
+    t = torch.zeros(3 + 2 * world, dtype=torch.float64)  # [loss sum, real, aux, (loss non-finite, skipped) x rank]
+    t[0], t[1], t[2] = loss_sum, real, aux_sum
+    t[3 + 2 * rank] = not math.isfinite(loss_sum)
+    t[4 + 2 * rank] = engine.skipped_steps > skipped_before
     tdist.all_reduce(t)
-    flags = t[2:].view(world, 2) > 0
+    flags = t[3:].view(world, 2) > 0
     return StepResult(float(t[0]) / max(global_targets, 1.0), int(global_targets), int(t[1]),
-                      flags[:, 0].nonzero().flatten().tolist(), flags[:, 1].nonzero().flatten().tolist())
+                      flags[:, 0].nonzero().flatten().tolist(), flags[:, 1].nonzero().flatten().tolist(),
+                      float(t[2]) if aux is not None else None)
 
 
 def check_nonfinite(r: StepResult, step: int, world: int, skipped_at: list, allowed: int,
@@ -564,7 +634,7 @@ def _save(s: Setup, step: int, export: bool = False) -> None:
     checkpoint.save(s.engine, s.ckpt_dir, step, _trainer_state(s, step), s.cfg.checkpoint.keep_last, s.rank)
     if export:
         export_verified(s.engine, s.hf_config, s.tokenizer_dir, s.ckpt_dir / f"global_step{step}" / "hf",
-                        s.train_rows, s.rank, training_record(s, step))
+                        s.train_rows, s.rank, training_record(s, step), s.isolation)
 
 
 def _resume(s: Setup) -> int:
@@ -602,7 +672,7 @@ def run(cfg: RunConfig) -> dict:
     start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:
         export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export_step0", s.train_rows, rank,
-                        training_record(s, 0))
+                        training_record(s, 0), s.isolation)
     fpt = flops_per_token(s.hf_config, plan.seq_len)
     losses_path = s.out / "losses.jsonl"
     if rank == 0:
@@ -618,7 +688,7 @@ def run(cfg: RunConfig) -> dict:
         batches = [s.train_rows.rows(ids)
                    for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)]
         lr = s.scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler steps inside engine.step)
-        r = train_step(engine, batches, s.world)
+        r = train_step(engine, batches, s.world, isolation=s.isolation, aux=s.aux)
         done = step + 1
         skipped = check_nonfinite(r, done, s.world, s.skipped_at, cfg.train.skip_nonfinite_steps, s.ckpt_dir)
         dt = time.time() - t0
@@ -629,23 +699,29 @@ def run(cfg: RunConfig) -> dict:
                   "padding_fraction": 1 - r.real_tokens / plan.tokens_per_step, "step_time_s": dt,
                   "model_flops_per_s": fpt * r.real_tokens / dt, "memory_gb": peak_memory_gb(),
                   "skipped_steps": len(s.skipped_at)}
+        if r.aux_loss is not None:
+            record["aux_loss"] = r.aux_loss
         if cfg.train.peak_flops_per_s:
             record["mfu"] = record["model_flops_per_s"] / (cfg.train.peak_flops_per_s * s.world)
         if rank == 0:
             with open(losses_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": r.loss} if not skipped else
-                                   {"step": done, "loss": r.loss if math.isfinite(r.loss) else None,
-                                    "skipped": True}) + "\n")
+                line = ({"step": done, "loss": r.loss} if not skipped else
+                        {"step": done, "loss": r.loss if math.isfinite(r.loss) else None, "skipped": True})
+                if r.aux_loss is not None:
+                    line["aux_loss"] = r.aux_loss
+                f.write(json.dumps(line) + "\n")
         progress.update(1)
         if skipped:
             log.print(f"step {done}/{plan.total_steps} skipped: {skipped}; weights, optimizer state and lr schedule "
                       f"unchanged (skipped steps {s.skipped_at}, at most {cfg.train.skip_nonfinite_steps} allowed)")
         if skipped or done % cfg.train.log_every == 0 or done == plan.total_steps:
             log.scalars(done, record)
-            log.print(f"step {done}/{plan.total_steps} loss {r.loss:.4f} lr {record['lr']:.3g} grad_norm "
-                           f"{record['grad_norm']:.3f} real tokens/s {record['real_tokens_per_s']:.0f} ({dt:.2f} s)")
+            log.print(f"step {done}/{plan.total_steps} loss {r.loss:.4f}"
+                      + (f" aux_loss {r.aux_loss:.4f}" if r.aux_loss is not None else "")
+                      + f" lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3f} real tokens/s "
+                        f"{record['real_tokens_per_s']:.0f} ({dt:.2f} s)")
         if s.eval_rows is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size)
+            el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size, s.isolation)
             log.scalars(done, {"loss": el}, kind="heldout")
             log.print(f"step {done} held-out loss {el:.4f}")
         if s.eval_rows is not None and cfg.train.generate_every and done % cfg.train.generate_every == 0:
@@ -664,18 +740,20 @@ def run(cfg: RunConfig) -> dict:
 
     summary = {"steps": plan.total_steps, "world_size": s.world, "batch": plan.describe(),
                "manifest_hash": shards.manifest_hash(cfg.data.path), "skipped_steps": len(s.skipped_at),
-               "skipped_at": s.skipped_at}
+               "skipped_at": s.skipped_at, "model": s.model_info, "packed_isolation": s.probe}
     if s.vocab_resize is not None:
         summary["vocab_resize"] = s.vocab_resize
     if start_step < plan.total_steps or checkpoint.latest_tag(s.ckpt_dir) is None:
         _save(s, plan.total_steps)
     if s.eval_rows is not None:
-        summary["heldout_loss"], _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size)
+        summary["heldout_loss"], _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size,
+                                                   s.isolation)
         log.scalars(plan.total_steps, {"loss": summary["heldout_loss"]}, kind="heldout")
         log.print(f"held-out loss {summary['heldout_loss']:.4f}")
     if cfg.checkpoint.export:
         summary["export"] = str(export_verified(engine, s.hf_config, s.tokenizer_dir, s.out / "export",
-                                                s.train_rows, rank, training_record(s, plan.total_steps)))
+                                                s.train_rows, rank, training_record(s, plan.total_steps),
+                                                s.isolation))
         log.print(f"export: {summary['export']}")
     if rank == 0:
         shards.atomic_write_text(s.out / "train_summary.json", json.dumps(summary, indent=2))

@@ -88,8 +88,23 @@ def test_flash_attention_needs_cuda_and_the_package():
     from itune.model import check_model_config
 
     cfg = load_config("configs/superni_tiny.yaml", ["model.attn_implementation=flash_attention_2"])
-    assert check_model_config(cfg) == ["model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn "
-                                       "package; use sdpa (the default) here"]
+    assert check_model_config(cfg) == ["model.attn_implementation: flash_attention_2 cannot be used "
+                                       "(flash_attention_2 needs CUDA); use auto or one of sdpa, eager"]
+    assert load_config("configs/superni_tiny.yaml").model.attn_implementation == "auto"
+    assert check_model_config(load_config("configs/superni_tiny.yaml")) == []
+
+
+def test_architecture_with_pretrained_is_refused_naming_both(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/superni_tiny.yaml", [f"model.pretrained={tmp_path}"])
+    assert ("model.architecture and model.pretrained are both set: the checkpoint's config.json defines the model "
+            f"({tmp_path}), so model.architecture would be ignored; remove model.architecture (or override "
+            "model.architecture=null)") in str(e.value)
+    assert "configs/superni_tiny.yaml" in str(e.value)
+    cfg = load_config("configs/superni_tiny.yaml", [f"model.pretrained={tmp_path}", "model.architecture=null"])
+    assert cfg.model.architecture == {} and cfg.model.pretrained == str(tmp_path)
+    # without pretrained, null means the default architecture
+    assert load_config(None, ["data.path=x", "model.architecture=null"]).model.architecture["hidden_size"] == 64
 
 
 @pytest.mark.parametrize("override,message", [

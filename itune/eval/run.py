@@ -185,7 +185,8 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     """
     from itune import checkpoint, dist
     from itune.config import BatchPlan, config_from_dict
-    from itune.model import build_ds_config, build_model, embedding_rows, model_config, resize_embeddings, use_bf16
+    from itune.model import (attention, build_ds_config, build_model, embedding_rows, model_config, resize_embeddings,
+                             use_bf16)
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)
@@ -212,7 +213,7 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     bf16 = use_bf16(cfg.model, cuda)
     ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
     dschf = HfDeepSpeedConfig(ds_config)
-    model = build_model(cfg, hf_config, bf16)
+    model = build_model(cfg, hf_config, bf16, attention(cfg, hf_config, cuda)[0])
     # the embedding rows the run trained with (grown for a tokenizer with added tokens); the checkpoint fills them
     resize_embeddings(model, embedding_rows(hf_config.vocab_size, m["tokenizer"]["vocab_size"], cfg.model), ds_config)
     model.gradient_checkpointing_disable()

@@ -37,9 +37,10 @@ def main():
             grads[name] = g.detach().clone().cpu()
 
     batches = [s.train_rows.rows(ids) for ids in step_row_ids(s.plan, s.cfg.train.seed, 0, 0, s.rank)]
-    r = train_step(s.engine, batches, s.world, before_optimizer_step=grab)
+    r = train_step(s.engine, batches, s.world, before_optimizer_step=grab, isolation=s.isolation, aux=s.aux)
     if s.rank == 0:
-        torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "grads": grads}, a.out)
+        torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "aux_loss": r.aux_loss, "grads": grads,
+                    "isolation": s.isolation.name}, a.out)
 
 
 if __name__ == "__main__":

@@ -75,14 +75,14 @@ def main():
             return NanGradient.apply(s)
         return s
 
-    def train_step(engine, batches, world, before_optimizer_step=None):
+    def train_step(engine, batches, world, before_optimizer_step=None, **kw):
         state["step"] += 1
         k, rank = state["step"], tdist.get_rank()
         if k in a.snapshot:
             torch.save(snapshot(engine), os.path.join(a.out, f"rank{rank}_step{k}_before.pt"))
         state["in_step"] = True
         try:
-            r = step_fn(engine, batches, world, before_optimizer_step)
+            r = step_fn(engine, batches, world, before_optimizer_step, **kw)
         finally:
             state["in_step"] = False
         if k in a.snapshot:
