@@ -299,7 +299,7 @@ def main() -> int:
 
 
 def it_params(log_path: Path) -> str:
-    m = re.search(r"model: ([\d,]+) parameters", log_path.read_text())
+    m = re.search(r"model: .*? ([\d,]+) parameters", log_path.read_text())
     return m.group(1) if m else "?"
 
 

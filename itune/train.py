@@ -423,8 +423,10 @@ def setup(cfg: RunConfig) -> Setup:
     torch.manual_seed(cfg.train.seed)
     hf_config = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     rows = embedding_rows(hf_config.vocab_size, manifest["tokenizer"]["vocab_size"], cfg.model)
-    for k in ("bos_id", "eos_id", "pad_id"):
-        setattr(hf_config, k.replace("_id", "_token_id"), manifest["tokenizer"][k])
+    token_ids = {k.replace("_id", "_token_id"): manifest["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id")}
+    if not cfg.model.pretrained:  # a checkpoint is built with its own ids: pad_token_id fixes the embedding's
+        for k, v in token_ids.items():  # padding_idx, whose row gets no gradient (the data's pad may be its EOS)
+            setattr(hf_config, k, v)
     bf16 = use_bf16(cfg.model, cuda)
     ds_config = build_ds_config(cfg.ds_config, plan, cfg.optim, hf_config.hidden_size, bf16)
     if resume_state is not None and resume_state["world_size"] != world:
@@ -434,6 +436,8 @@ def setup(cfg: RunConfig) -> Setup:
     model = build_model(cfg, hf_config, bf16, attn)
     old_rows = resize_embeddings(model, rows, ds_config)  # before the optimizer: it holds the new parameters
     hf_config.vocab_size = rows  # the export's config
+    for k, v in token_ids.items():  # the data's ids, for the export's generation config
+        setattr(hf_config, k, v)
     leaves = moe_leaf_classes(model)
     if leaves and cfg.model.zero3_leaf_modules and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from deepspeed.utils import set_z3_leaf_modules

@@ -53,8 +53,10 @@ def test_torchrun_equals_deepspeed_launcher(data, tmp_path):
     runs = {}
     for name, cmd in (("deepspeed", deepspeed_cmd), ("torchrun", torchrun_cmd)):
         run = tmp_path / name
+        # torchrun sets OMP_NUM_THREADS=1 and the deepspeed launcher leaves it unset (2 threads here): another
+        # thread count sums in another order (step 2 differs by 1e-8), so both run with one thread per rank
         proc = run_cmd(cmd(2, "launcher/train.py", "--config", CONFIG, f"output_dir={run}", f"data.path={data}",
-                           *OVERRIDES))
+                           *OVERRIDES), env={"OMP_NUM_THREADS": "1"})
         log = proc.stdout + proc.stderr
         assert f"rank 0/2 local 0 node 0 via {name}" in log, log[-4000:]
         runs[name] = _losses(run)

@@ -133,7 +133,7 @@ def test_zero3_run_resizes_from_a_known_checkpoint(extended):
     tmp, data, base = extended
     run = tmp / "run"
     out = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", f"output_dir={run}",
-                                f"data.path={data}", f"model.pretrained={base}",
+                                f"data.path={data}", f"model.pretrained={base}", "model.architecture=null",
                                 f"model.pad_vocab_size_to_multiple_of={MULTIPLE}", "train.max_steps=2",
                                 "train.epochs=1", "checkpoint.export_initial=true", "train.progress_bar=false"))
     assert "embeddings resized" in out.stdout and f"{BASE_ROWS} -> {ROWS} rows" in out.stdout

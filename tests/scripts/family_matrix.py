@@ -29,7 +29,7 @@ def main():
     p.add_argument("--zoo", required=True)
     p.add_argument("--families", required=True)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()
     results = {}
     for fam in a.families.split(","):
         out = os.path.join(a.zoo, "runs", fam)
