@@ -91,7 +91,13 @@ def _merge(a) -> int:
         from itune.errors import ConfigError
 
         raise ConfigError(f"--num-proc {a.num_proc}: must be >= 1")
-    m = merge_slices(Path(a.out), keep_slices=a.keep_slices, num_proc=a.num_proc)
+    from contextlib import nullcontext
+
+    from itune.lock import hold_dir_lock
+
+    # one merge or single-run prepare at a time in OUT (a missing OUT is left to merge_slices to report)
+    with hold_dir_lock(a.out, "itune-data merge", choose=None) if Path(a.out).is_dir() else nullcontext():
+        m = merge_slices(Path(a.out), keep_slices=a.keep_slices, num_proc=a.num_proc)
     return _print_sources(m, a.out) if m["source"].get("kind") == "files" else _print_splits(m, a.out)
 
 

@@ -155,6 +155,56 @@ def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_di
     os.replace(tmp, out_dir)
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DAMAGED = "the file is damaged or incomplete (re-download or re-save the checkpoint)"
+
+
+def safetensors_problems(model_dir: str | Path) -> list[str]:
+    """What would stop ``from_pretrained(..., use_safetensors=True)`` reading the weights of ``model_dir``, found
+    from the files' headers alone (8-byte length + JSON header, whose tensors must end exactly at the end of the
+    file): a truncated or damaged ``*.safetensors`` file, a shard named by ``model.safetensors.index.json`` that
+    is missing, no safetensors weights at all. One line per problem, naming the file."""
+    d = Path(model_dir)
+    index = d / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            files = [d / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            return [f"{index}: not a safetensors index (a JSON object with a weight_map); {DAMAGED}"]
+    else:
+        files = sorted(d.glob("*.safetensors"))
+    if not files:
+        return [f"{d}: no model.safetensors or {SAFETENSORS_INDEX} (weights are read from safetensors files only)"]
+    problems = []
+    for f in files:
+        if not f.is_file():
+            problems.append(f"{f}: missing, but {index.name} names it; the checkpoint is incomplete (re-download or "
+                            "re-save the checkpoint)")
+        elif (why := _safetensors_damage(f)) is not None:
+            problems.append(f"{f}: {why}; {DAMAGED}")
+    return problems
+
+
+def _safetensors_damage(f: Path) -> str | None:
+    """Why the safetensors file ``f`` cannot be read (its size against its header), or None."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"{size} bytes, but its header alone needs {8 + n}"
+        try:
+            meta = json.loads(fh.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in meta.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError):
+            return "its header is not a safetensors header"
+    if 8 + n + end != size:
+        return f"{size} bytes, but its header describes {8 + n + end}"
+    return None
+
+
 def load_export(path: Path, dtype=torch.float32, attn_implementation: str | None = None):
     """Loads an export with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code).
 

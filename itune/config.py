@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from itune.errors import ConfigError
+from itune.yamlio import safe_load_unique
 
 
 #: the model built from scratch when neither ``model.pretrained`` nor ``model.architecture`` says otherwise
@@ -130,6 +131,9 @@ class TrainConfig:
             skipped over the whole run, resumes included: such a step leaves weights, optimizer state and the lr
             schedule unchanged and the next step reads the next rows. One more stops the run with
             ``FloatingPointError``; 0 stops at the first.
+        orphan_timeout_s: seconds a rank may go on after its launcher is gone (the ``deepspeed`` command or
+            ``torchrun`` killed by a signal it does not pass on, or by SIGKILL) before it exits; it normally
+            checkpoints at the next step boundary and exits well before (0: no limit).
     """
 
     micro_batch_size: int = 1
@@ -146,6 +150,7 @@ class TrainConfig:
     generate_max_instances: int = 5
     generate_max_new_tokens: int = 32
     skip_nonfinite_steps: int = 0
+    orphan_timeout_s: float = 300.0
 
 
 @dataclass
@@ -236,14 +241,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     """Loads a YAML run config and applies ``key.sub=value`` overrides (values parsed as YAML).
 
     Raises:
-        ConfigError: listing every unknown key, wrong type and invalid value found.
+        ConfigError: a key written twice in one mapping of the file (file, dotted key and both lines named; an
+            override is not a duplicate), else listing every unknown key, wrong type and invalid value found.
     """
     tree: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = safe_load_unique(p.read_text(), p) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: a run config is a YAML mapping")
     for ov in overrides:
@@ -287,6 +293,7 @@ _RANGES = (
     ("train.peak_flops_per_s", 0, False, None), ("train.collective_timeout_s", 1, False, None),
     ("train.generate_every", 0, False, None), ("train.generate_max_instances", 1, False, None),
     ("train.generate_max_new_tokens", 1, False, None), ("train.skip_nonfinite_steps", 0, False, None),
+    ("train.orphan_timeout_s", 0, False, None),
     ("optim.lr", 0, True, None), ("optim.min_lr_ratio", 0, False, 1), ("optim.warmup_steps", 0, False, None),
     ("optim.weight_decay", 0, False, None), ("optim.eps", 0, True, None), ("optim.grad_clip", 0, False, None),
     ("model.pad_vocab_size_to_multiple_of", 1, False, None),
@@ -391,3 +398,18 @@ class BatchPlan:
                 f"= {self.tokens_per_step} tokens per optimizer step (seq_len {self.seq_len}); "
                 f"{self.rows} rows -> {self.steps_per_epoch} steps/epoch x {self.epochs} epochs "
                 f"-> {self.total_steps} optimizer steps")
+
+
+#: how a relative path in a run config is read (ds_config, data.path, model.pretrained, output_dir)
+RELATIVE_PATHS = "relative paths are resolved from the current directory {cwd}"
+
+
+def path_not_found(key: str, path: str | Path) -> str:
+    """The message for a run-config path that does not exist, e.g. ``ds_config: ds_configs/zero3.json not found
+    (relative paths are resolved from the current directory /x/y; run from the repository root or give an absolute
+    path)``; an absolute path is named alone."""
+    p = Path(path)
+    if p.is_absolute():
+        return f"{key}: {p} not found"
+    return (f"{key}: {p} not found ({RELATIVE_PATHS.format(cwd=Path.cwd())}; run from the repository root or give "
+            "an absolute path)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from itune.config import BatchPlan, ModelConfig, OptimConfig, RunConfig
+from itune.config import BatchPlan, ModelConfig, OptimConfig, RunConfig, path_not_found
 from itune.errors import ConfigError
 
 # keys the trainer owns, with the run-config field that sets them
@@ -38,12 +38,22 @@ def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidde
     reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h.
 
     Raises:
-        ConfigError: the file is missing or sets a key the trainer injects (names the key and where to set it).
+        ConfigError: the file is missing, is not a JSON object (names the line and column) or sets a key the
+            trainer injects (names the key and where to set it).
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: DeepSpeed config not found (see ds_configs/)")
-    ds = json.loads(p.read_text())
+        raise ConfigError(path_not_found("ds_config", p))
+    fix = "fix the JSON or point ds_config at a file in ds_configs/"
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config: {p}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); {fix}") \
+            from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"ds_config: {p}: not valid JSON (not UTF-8 text); {fix}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config: {p}: a JSON object ({{...}}) expected, got {type(ds).__name__}; {fix}")
     bad = [f"{k!r} (set {INJECTED_KEYS[k]} in the run config)" for k in INJECTED_KEYS if k in ds]
     if bad:
         raise ConfigError(f"{p}: sets keys that the trainer injects: {', '.join(bad)}; remove them from the JSON")
@@ -64,14 +74,19 @@ def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidde
 
 def check_model_config(cfg: RunConfig) -> list[str]:
     """Problems with the model section found without building anything: unknown ``architecture`` keys (checked
-    against ``LlamaConfig``), head arithmetic, a missing or unreadable checkpoint config, an attention
+    against ``LlamaConfig``), head arithmetic, a missing checkpoint directory, an unreadable checkpoint config,
+    truncated or missing safetensors files (:func:`itune.checkpoint.safetensors_problems`), an attention
     implementation the model refuses."""
     from transformers import LlamaConfig
 
     e = []
     hf_config = LlamaConfig()
     if cfg.model.pretrained:
+        from itune.checkpoint import safetensors_problems
+
         d = Path(cfg.model.pretrained)
+        if not d.exists():
+            return [path_not_found("model.pretrained", d)]
         if not (d / "config.json").is_file():
             return [f"model.pretrained: {d} is not a Hugging Face model directory (no config.json)"]
         try:
@@ -79,6 +94,7 @@ def check_model_config(cfg: RunConfig) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError) as err:  # a config.json transformers cannot read
             return [f"model.pretrained: {d / 'config.json'} cannot be read by transformers ({type(err).__name__}: "
                     f"{str(err).splitlines()[0][:200] if str(err) else ''})"]
+        e += [f"model.pretrained: {x}" for x in safetensors_problems(d)]
     try:
         attention(cfg, hf_config, torch.cuda.is_available())
     except ConfigError as err:

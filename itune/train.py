@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from itune.errors import ConfigError, ManifestError
 from itune.families import Isolation, RouterAux, forward_packed, moe_leaf_classes, probe_isolation, refusal_message, \
     router_aux
 from itune.loader import PackedRows, step_row_ids
+from itune.lock import DirLock, hold_dir_lock_rank0
+from itune.preemption import EXIT_PREEMPTED, PreemptionFlag, launcher_chain  # noqa: F401  (EXIT_PREEMPTED: API)
 from itune.loss import count_targets, sum_cross_entropy
 from itune.model import (attention, build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda,
                          model_config, param_groups, resize_embeddings, use_bf16)
@@ -34,7 +35,6 @@ from itune.model import (attention, build_ds_config, build_model, embedding_rows
 #: the isolation of a model whose forward builds a block-diagonal mask from restarting position_ids (most families)
 POSITION_IDS = Isolation(("position_ids",))
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1; relaunch to resume
 
 
 class RankZeroLog:
@@ -68,23 +68,6 @@ class RankZeroLog:
         if self.on:
             self.tb.close()
             self.metrics.close()
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; ranks agree on it with an all-reduce (MAX) at each step boundary."""
-
-    def __init__(self):
-        self.raised = False
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.raised = True
-
-    def agreed(self) -> bool:
-        t = torch.tensor([1 if self.raised else 0])
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item())
 
 
 def all_reduce_sum(x: float) -> float:
@@ -271,6 +254,7 @@ class Setup:
     aux: RouterAux | None = None  # the router load-balancing loss of a MoE model
     model_info: dict = field(default_factory=dict)  # family, attention, tied embeddings, MoE leaf modules
     skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
+    lock: DirLock | None = None  # rank 0: output_dir/.itune.lock, held for the whole run (itune.lock)
 
 
 #: Settings a resumed run may change: how it runs, not what it trains (model.* and optim.* are all fixed but
@@ -350,30 +334,67 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | Non
     return state
 
 
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why ``output_dir`` cannot be created or written, in one line naming it (None when it can): an existing
+    directory must take a new file, else its nearest existing parent must be a directory that takes a new
+    directory. Probes with uniquely named temporary entries removed at once, so every rank may run it at the same
+    time and nothing is left behind (the directory itself is created by rank 0 in :func:`setup`)."""
+    import os
+    import tempfile
+
+    from itune.config import RELATIVE_PATHS
+
+    out = Path(output_dir)
+    note = "" if out.is_absolute() else f" ({RELATIVE_PATHS.format(cwd=Path.cwd())})"
+    for parent in (out, *out.parents):
+        if parent.is_symlink() and not parent.exists():
+            return f"output_dir: {parent} is a broken symbolic link{note}"
+        if parent.exists():
+            break
+    if not parent.is_dir():
+        return f"output_dir: {parent} exists and is not a directory{note}"
+    try:
+        if parent == out:
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=".itune-write-check-")
+            os.close(fd)
+            os.unlink(tmp)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".itune-write-check-"))
+    except OSError as e:
+        what = (f"is not writable ({e.strerror or e} when creating a file in it)" if parent == out else
+                f"cannot be created ({e.strerror or e} when creating a directory in {parent})")
+        return f"output_dir: {out} {what}{note}; choose a directory you can write to"
+    return None
+
+
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need no process group: the launch environment, the data manifest, the DeepSpeed JSON, the
-    model section.
+    """Checks that need no process group: the launch environment, the paths of the run config (``ds_config``,
+    ``data.path`` and ``model.pretrained`` exist, relative ones read from the current directory;
+    ``output_dir`` can be created and written), the data manifest, the DeepSpeed JSON, the model section and the
+    checkpoint's safetensors headers.
     Run by the launcher entry point before any distributed work starts.
 
     Raises:
         ConfigError / ManifestError: listing the problems.
     """
+    from itune.config import path_not_found
     from itune.model import check_model_config
 
     dist.resolve()  # a mis-launch is reported first (DistEnvError names the variable)
     problems = check_model_config(cfg)
     if not Path(cfg.ds_config).is_file():
-        problems.append(f"ds_config: {cfg.ds_config} not found (see ds_configs/)")
-    out = Path(cfg.output_dir)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                problems.append(f"output_dir: {parent} exists and is not a directory")
-            break
+        problems.append(path_not_found("ds_config", cfg.ds_config))
+    if not Path(cfg.data.path).exists():
+        problems.append(path_not_found("data.path", cfg.data.path))
+    if (problem := output_dir_problem(cfg.output_dir)) is not None:
+        problems.append(problem)
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
-    manifest = shards.read_manifest(cfg.data.path)
+    manifest = shards.read_manifest(cfg.data.path)  # its integrity record is checked here
     check_train_split(cfg, manifest)
+    if mismatch := shards.tokenizer_problems(manifest):
+        raise ManifestError(f"{Path(cfg.data.path) / shards.MANIFEST}: {'; '.join(mismatch)}; the tokenizer changed "
+                            "after preparation: prepare the data again")
     vocab = manifest["tokenizer"]["vocab_size"]
     try:
         embedding_rows(model_config(cfg, vocab).vocab_size, vocab, cfg.model)
@@ -381,6 +402,19 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid run config:\n  - {e}") from None
     build_ds_config(cfg.ds_config, BatchPlan(1, 1, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
                                              1, 1, None), cfg.optim, 64, False)
+
+
+def lock_output_dir(out: Path, rank: int, world: int) -> DirLock | None:
+    """One run per ``output_dir``: rank 0 takes ``out/.itune.lock`` (:func:`itune.lock.hold_dir_lock`), then the
+    outcome is broadcast. Every rank must call it.
+
+    Returns:
+        The lock on rank 0 (keep it for the whole run), None on the other ranks.
+
+    Raises:
+        ConfigError: on every rank, the same line, when another process holds the directory.
+    """
+    return hold_dir_lock_rank0(out, "training", rank, world, choose="output_dir")
 
 
 def setup(cfg: RunConfig) -> Setup:
@@ -399,6 +433,7 @@ def setup(cfg: RunConfig) -> Setup:
     if cuda:
         torch.cuda.set_device(env.local_rank)
     out = Path(cfg.output_dir)
+    lock = lock_output_dir(out, rank, world)  # before anything is written there; a refusal stops every rank
     log = RankZeroLog(rank, out)
     log.print(dist.startup_line(env))
 
@@ -482,7 +517,8 @@ def setup(cfg: RunConfig) -> Setup:
                   f"{vocab_resize['output_per_rank']}")
     return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
                  out, ckpt_dir, resume_state, log, keepalive, vocab_resize, isolation=probe["isolation"],
-                 probe={k: v for k, v in probe.items() if k != "isolation"}, aux=aux, model_info=model_info)
+                 probe={k: v for k, v in probe.items() if k != "isolation"}, aux=aux, model_info=model_info,
+                 lock=lock)
 
 
 def _tied(module) -> bool:
@@ -625,12 +661,18 @@ def generate_and_score(s: Setup, step: int) -> dict:
 
 
 def _trainer_state(s: Setup, step: int) -> dict:
+    """The ``itune_state.json`` of a checkpoint. Besides the config as given it records the absolute paths the
+    run read (``paths``) and what it trained on (``training``, as :func:`training_record`), so a checkpoint can
+    be evaluated from another directory, or with a copy of the data (:func:`itune.eval.run.engine_from_run`)."""
     import deepspeed
 
     epoch, in_epoch = divmod(step, s.plan.steps_per_epoch)
+    paths = {k: str(Path(v).resolve()) for k, v in (("ds_config", s.cfg.ds_config), ("data.path", s.cfg.data.path),
+                                                     ("model.pretrained", s.cfg.model.pretrained)) if v}
     return {"global_step": step, "epoch": epoch, "step_in_epoch": in_epoch, "total_steps": s.plan.total_steps,
             "seed": s.cfg.train.seed, "world_size": s.world, "config": to_dict(s.cfg), "skipped_at": s.skipped_at,
-            "manifest_hash": shards.manifest_hash(s.cfg.data.path),
+            "manifest_hash": shards.manifest_hash(s.cfg.data.path), "paths": paths,
+            "training": training_record(s, step),
             "versions": {"itune": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
 
@@ -670,8 +712,10 @@ def run(cfg: RunConfig) -> dict:
 
     Exits the process with :data:`EXIT_PREEMPTED` after saving a checkpoint on SIGTERM/SIGUSR1.
     """
-    preempt = PreemptionFlag()  # first: a signal during start-up is honoured at the first step boundary
+    # first: a signal during start-up is honoured at the first step boundary
+    preempt = PreemptionFlag(orphan_timeout_s=cfg.train.orphan_timeout_s)
     s = setup(cfg)
+    preempt.watch(launcher_chain(s.env.source))  # a launcher that dies (or is killed) stops the ranks too
     engine, plan, log, rank = s.engine, s.plan, s.log, s.rank
     start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:
@@ -736,7 +780,8 @@ def run(cfg: RunConfig) -> dict:
             _save(s, done, export=cfg.checkpoint.export_checkpoints)
         if preempt.agreed():
             _save(s, done)
-            log.print(f"preempted: checkpoint saved at optimizer step {done}; exiting with {EXIT_PREEMPTED}")
+            log.print(f"preempted ({preempt.reason or 'another rank'}): checkpoint saved at optimizer step {done}; "
+                      f"exiting with {EXIT_PREEMPTED}")
             log.close()
             close_distributed()
             sys.exit(EXIT_PREEMPTED)
@@ -762,6 +807,8 @@ def run(cfg: RunConfig) -> dict:
     if rank == 0:
         shards.atomic_write_text(s.out / "train_summary.json", json.dumps(summary, indent=2))
     log.close()
+    if s.lock is not None:
+        s.lock.release()
     return summary
 
 

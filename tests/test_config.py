@@ -133,3 +133,65 @@ def test_wrong_types_and_out_of_range_values_are_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.path=x", override])
     assert message in str(e.value)
+
+
+def test_duplicate_top_level_key_is_refused_naming_file_key_and_lines(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("data: {path: x}\n"            # 1
+                 "optim:\n"                     # 2
+                 "  lr: 0.001\n"
+                 "  warmup_steps: 10\n"
+                 "  schedule: linear\n"
+                 "train: {max_steps: 3}\n"      # 6
+                 "optim:\n"                     # 7: would drop warmup_steps and schedule
+                 "  lr: 0.002\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (f"{p}: duplicate key 'optim' at lines 2 and 7 (the second would silently replace the "
+                            "first); keep one")
+
+
+def test_duplicate_nested_key_is_refused_with_its_dotted_path(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("model:\n"
+                 "  architecture:\n"
+                 "    hidden_size: 64\n"        # 3
+                 "    num_hidden_layers: 2\n"
+                 "    hidden_size: 128\n"       # 5
+                 "data: {path: x, path: y}\n")  # a flow mapping: both on line 6 (found after the nested one)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (f"{p}: duplicate key 'model.architecture.hidden_size' at lines 3 and 5 (the second "
+                            "would silently replace the first); keep one")
+    p.write_text("data: {path: x, path: y}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (f"{p}: duplicate key 'data.path' at lines 1 and 1 (the second would silently replace "
+                            "the first); keep one")
+
+
+def test_override_of_a_key_in_the_file_is_not_a_duplicate(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("data: {path: x}\noptim:\n  lr: 0.001\n  warmup_steps: 10\n  schedule: linear\n")
+    cfg = load_config(p, ["optim.lr=0.002", "optim.lr=0.003", "data.path=y"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.data.path) == (0.003, 10, "linear", "y")
+
+
+def test_yaml_without_duplicates_loads_exactly_as_safe_load():
+    import yaml
+    from pathlib import Path
+
+    from itune.yamlio import safe_load_unique
+
+    text = ("base: &b {lr: 1.0e-3, betas: [0.9, 0.95]}\n"
+            "optim:\n  <<: *b\n  lr: 2.0e-3\n"  # a merge key overridden in the mapping is not a duplicate
+            "again: *b\n"
+            "list: [{a: 1}, {a: 2}]\n"
+            "n: ~\nflag: yes\nexp: 1e-9\n")
+    expected = {"base": {"lr": 0.001, "betas": [0.9, 0.95]}, "optim": {"lr": 0.002, "betas": [0.9, 0.95]},
+                "again": {"lr": 0.001, "betas": [0.9, 0.95]}, "list": [{"a": 1}, {"a": 2}], "n": None,
+                "flag": True, "exp": "1e-9"}
+    assert safe_load_unique(text, "t.yaml") == yaml.safe_load(text) == expected
+    assert safe_load_unique("", "t.yaml") is None and safe_load_unique("# only a comment\n", "t.yaml") is None
+    for p in sorted(Path("configs").glob("*.yaml")):
+        assert safe_load_unique(p.read_text(), p) == yaml.safe_load(p.read_text()), p

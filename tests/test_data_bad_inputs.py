@@ -442,3 +442,34 @@ def test_a_task_field_no_record_has_is_named_with_the_keys_present(tmp_path, cap
         "present: ['category', 'completion', 'prompt']); if no record has it, give --task-field the field" in err
     m = prepare_sources(_opts(tmp_path / "o2", [f], task_field="category", heldout_tasks=["c"]))
     assert m["splits"]["test"]["counts"]["written"] == 1
+
+
+def test_mixture_file_with_a_duplicate_key_is_refused(tmp_path, capsys):
+    from itune.data.prepare import load_mixture
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n"
+                   "  - path: a.jsonl\n"
+                   "    weight: 0.5\n"    # 3
+                   "    template: chat\n"
+                   "    weight: 2\n"      # 5
+                   "max_per_task: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_mixture(mix)
+    assert str(e.value) == (f"{mix}: duplicate key 'sources[0].weight' at lines 3 and 5 (the second would silently "
+                            "replace the first); keep one")
+    mix.write_text("sources:\n  - a.jsonl\nmax_per_task: 10\nsources:\n  - b.jsonl\n")
+    rc = main(["prepare", "--mixture", str(mix), "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert capsys.readouterr().err == (f"error: {mix}: duplicate key 'sources' at lines 1 and 4 (the second would "
+                                       "silently replace the first); keep one\n")
+
+
+def test_mixture_file_without_duplicates_loads_as_before(tmp_path):
+    from itune.data.prepare import load_mixture
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n  - path: a.jsonl\n    weight: 0.5\n    template: chat\n  - b.jsonl\n"
+                   "max_per_task: 10\n")
+    assert load_mixture(mix) == ([{"path": tmp_path / "a.jsonl", "weight": 0.5, "template": "chat"},
+                                  {"path": tmp_path / "b.jsonl"}], 10)

@@ -42,9 +42,8 @@ def _hand_built(tmp_path) -> Path:
     out = tmp_path / "hand"
     out.mkdir()
     sh = shards.write_shards(out, "train", cols, max_rows_per_shard=2)
-    (out / shards.MANIFEST).write_text(json.dumps({
-        "format_version": shards.FORMAT_VERSION, "seq_len": 8,
-        "splits": {"train": {"rows": 3, "shards": sh}}}))
+    shards.write_manifest(out, {"format_version": shards.FORMAT_VERSION, "seq_len": 8,
+                                "splits": {"train": {"rows": 3, "shards": sh}}})
     return out
 
 
@@ -168,8 +167,8 @@ def test_cli_writes_png_and_summary(prepared, tmp_path, capsys):
 def test_write_stats_png_empty_split(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
-    (out / shards.MANIFEST).write_text(json.dumps({
-        "format_version": shards.FORMAT_VERSION, "seq_len": 16, "splits": {"train": {"rows": 0, "shards": []}}}))
+    shards.write_manifest(out, {"format_version": shards.FORMAT_VERSION, "seq_len": 16,
+                                "splits": {"train": {"rows": 0, "shards": []}}})
     s = length_stats(out, "train", bins=4, fill_bins=2)
     assert (s["examples"], s["rows"], s["tokens"], s["packing_efficiency"]) == (0, 0, 0, 0.0)
     assert s["length_histogram"] == {"edges": [0, 4, 8, 12, 16], "counts": [0, 0, 0, 0]}

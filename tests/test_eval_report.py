@@ -210,6 +210,50 @@ def test_markdown_table_of_scored_results_and_missing_metric():
     assert markdown_table({"rougeL_default_track": 12.5}).splitlines()[2] == "| default | overall | all | - | 12.5000 |"
 
 
+def test_markdown_table_labels_tasks_and_categories_from_the_records():
+    refs = [
+        {"id": "g1", "references": ["He goes."], "task_id": "Grammarly", "task_category": "Grammar Error Correction"},
+        {"id": "g2", "references": ["They go."], "task_id": "Grammarly", "task_category": "Grammar Error Correction"},
+        {"id": "t1", "references": ["sack"], "task_id": "task1159_bard", "task_category": "Word Analogy"},
+    ]
+    scores = score_superni({"g1": "He goes.", "g2": "", "t1": "sack"}, refs)
+    assert list(scores) == [  # the official keys, unchanged
+        "exact_match_default_track", "rougeL_default_track",
+        "exact_match_for_grammar_error_correction_default_track", "rougeL_for_grammar_error_correction_default_track",
+        "exact_match_for_word_analogy_default_track", "rougeL_for_word_analogy_default_track",
+        "exact_match_for_Grammarly_default_track", "rougeL_for_Grammarly_default_track",
+        "exact_match_for_task1159_bard_default_track", "rougeL_for_task1159_bard_default_track",
+    ]
+    expected = (
+        "| Track | Level | Name | EM | ROUGE-L |\n"
+        "|---|---|---|---:|---:|\n"
+        "| default | overall | all | 66.6667 | 66.6667 |\n"
+        "| default | category | grammar_error_correction | 50.0000 | 50.0000 |\n"
+        "| default | category | word_analogy | 100.0000 | 100.0000 |\n"
+        "| default | task | Grammarly | 50.0000 | 50.0000 |\n"
+        "| default | task | task1159_bard | 100.0000 | 100.0000 |\n"
+    )
+    assert markdown_table(dict(scores), refs) == expected
+    as_records = [EvalRecord(r["id"], tuple(r["references"]), r["task_id"], r["task_category"]) for r in refs]
+    assert markdown_table(dict(scores), as_records) == expected
+    # a task whose id equals a category key has one result key (the task's, written last): a task row
+    same = [{"id": "q", "references": ["a"], "task_id": "qa", "task_category": "QA"}]
+    assert markdown_table(dict(score_superni({"q": "a"}, same)), same).splitlines()[2:] == [
+        "| default | overall | all | 100.0000 | 100.0000 |",
+        "| default | task | qa | 100.0000 | 100.0000 |",
+    ]
+
+
+def test_markdown_table_refuses_a_group_the_records_do_not_name():
+    refs = [{"id": "g1", "references": ["x"], "task_id": "Grammarly", "task_category": "Grammar Error Correction"}]
+    with pytest.raises(DataFormatError) as error:
+        markdown_table({"rougeL_for_task1_x_default_track": 1.0}, refs)
+    assert str(error.value) == (
+        "result key 'rougeL_for_task1_x_default_track' names group 'task1_x', which is neither a task_id nor a task "
+        "category of the records given; pass the records these results were scored from."
+    )
+
+
 def test_markdown_table_rejects_unknown_keys():
     with pytest.raises(DataFormatError, match="result key 'accuracy' is not an official SuperNI key"):
         markdown_table({"accuracy": 1.0})

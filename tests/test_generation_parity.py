@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import deepspeed_cmd, run_cmd
+from tests.conftest import ROOT, deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -36,6 +36,30 @@ def test_zero3_two_ranks_equals_export_one_process(random_run):
     z3, w1 = _preds(tmp / "z3"), _preds(tmp / "w1")
     assert len(z3) == 20 and z3 == w1
     assert sum(1 for v in w1.values() if v) >= 15  # varied, non-empty text from the random model
+
+
+def test_run_dir_from_another_directory_with_the_data_elsewhere(random_run):
+    """A run trained on another machine: its data.path (relative) and the absolute paths it recorded are not here,
+    and evaluation starts from another directory; ``--data`` prepared with the run's tokenizer stands in, and
+    ``ds_config`` is read where the run recorded it."""
+    import shutil
+
+    data, run, tmp = random_run
+    moved, cwd = tmp / "moved_run", tmp / "elsewhere"
+    shutil.copytree(run / "checkpoints", moved / "checkpoints")
+    cwd.mkdir()
+    state_file = moved / "checkpoints" / (moved / "checkpoints" / "latest").read_text().strip() / "itune_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["paths"]["ds_config"] == str(ROOT / "ds_configs" / "zero3.json")
+    state["config"]["data"]["path"] = "runs/data/superni_512_gone"
+    state["paths"]["data.path"] = state["training"]["data_path"] = "/nowhere/superni_512"
+    state_file.write_text(json.dumps(state))
+    common = ["--data", str(data), "--max-new-tokens", "6", "--max-instances", "2"]
+    run_cmd(deepspeed_cmd(2, str(ROOT / "launcher" / "eval.py"), *common, "--run-dir", str(moved), "--out",
+                          str(tmp / "moved")), cwd=cwd)
+    if not (tmp / "w1" / "predictions.jsonl").is_file():
+        run_cmd(["itune-eval", *common, "--model", str(run / "export"), "--out", str(tmp / "w1")])
+    assert _preds(tmp / "moved") == _preds(tmp / "w1")
 
 
 def test_batched_equals_unbatched(random_run):

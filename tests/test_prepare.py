@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from itune.data.prepare import PrepareOptions, prepare_superni
-from itune.data.shards import open_split, read_manifest, verify
+from itune.data.shards import open_split, read_manifest, verify, write_manifest
 from itune.errors import ConfigError, DataFormatError
 from tests.conftest import MISTRAL, SUPERNI
 
@@ -157,8 +157,7 @@ def _rewrite_train_shard(out, change):
     with pa.OSFile(str(out / entry["file"]), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as w:
         w.write_table(pa.table(cols, schema=SCHEMA))
     entry["sha256"] = hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(m))
-    return m
+    return write_manifest(out, m)  # consistent: the integrity record is recomputed
 
 
 @pytest.fixture
@@ -201,7 +200,7 @@ def test_verify_checks_example_and_token_counts_and_the_eval_file(small_prepared
     assert verify(small_prepared) == []
     m["splits"]["train"]["examples"] += 1
     m["splits"]["train"]["tokens"] += 2
-    (small_prepared / "manifest.json").write_text(json.dumps(m))
+    write_manifest(small_prepared, m)
     n, tokens = m["splits"]["train"]["examples"], m["splits"]["train"]["tokens"]
     assert verify(small_prepared) == [f"train: {n - 1} examples in rows, manifest says {n}",
                                       f"train: {tokens - 2} tokens in rows, manifest says {tokens}"]
@@ -231,7 +230,7 @@ def test_a_manifest_missing_keys_is_named_not_a_key_error(small_prepared, capsys
     m = read_manifest(small_prepared)
     del m["splits"]["train"]["shards"][0]["sha256"]
     del m["seq_len"]
-    (small_prepared / "manifest.json").write_text(json.dumps(m))
+    write_manifest(small_prepared, m)
     with pytest.raises(ManifestError, match=r"not a complete manifest \(seq_len missing or not int; "
                                             r"splits.train.shards\[0\].sha256 missing or not str\)"):
         verify(small_prepared)
@@ -241,6 +240,6 @@ def test_a_manifest_missing_keys_is_named_not_a_key_error(small_prepared, capsys
     intact = json.loads((small_prepared / "manifest.json").read_text())
     intact["seq_len"], intact["splits"]["train"]["shards"][0]["sha256"] = 64, "0" * 64
     del intact["tokenizer"]["path"]
-    (small_prepared / "manifest.json").write_text(json.dumps(intact))
+    write_manifest(small_prepared, intact)
     assert main(["inspect", str(small_prepared)]) == 2
     assert "the manifest names no tokenizer path" in capsys.readouterr().err

@@ -836,7 +836,7 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
         "splits": splits,
         "seconds": round(time.time() - t0, 3),
     }
-    atomic_write_text(out_dir / shards.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    manifest = shards.write_manifest(out_dir, manifest)
     if not keep_slices:
         shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)
     return manifest

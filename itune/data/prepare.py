@@ -18,6 +18,7 @@ from itune.data.render import TEMPLATES, TRAIN_ON
 from itune.data.sources import FORMATS, read_split_file, sniff_format, superni_task_path, utf8_encodable
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError
+from itune.lock import hold_dir_lock
 
 #: Template used for each input format when none is given.
 DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "completion", "messages": "chat", "sharegpt": "chat"}
@@ -74,14 +75,17 @@ def _run(plan, opts, shard_index: int, num_shards: int, t0: float, tok: TextToke
     """
     from itune.data import pipeline
 
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
-    if num_shards == 1:  # a single run owns the directory; array tasks leave each other's slices alone
+    if num_shards > 1:  # a job array task writes only its own slice directory (the merge locks --out)
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
+        return pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc, tok)
+    with hold_dir_lock(opts.out_dir, "itune-data prepare", choose="--out"):  # a single run owns the directory
+        if (opts.out_dir / shards.MANIFEST).exists() and not opts.overwrite:  # finished since the options were checked
+            raise ConfigError(f"{opts.out_dir} already holds prepared data; choose another --out or pass --overwrite")
+        (opts.out_dir / shards.MANIFEST).unlink(missing_ok=True)
         clear_outputs(opts.out_dir, slices=True)
-    summary = pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc, tok)
-    if num_shards > 1:
-        return summary
-    return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0, num_proc=opts.num_proc)
+        pipeline.prepare_slice(plan, opts.out_dir, shard_index, opts.num_proc, tok)
+        return pipeline.merge_slices(opts.out_dir, keep_slices=opts.keep_slices, started=t0, num_proc=opts.num_proc)
 
 
 def check_superni_dir(root: Path) -> None:
@@ -371,13 +375,16 @@ def load_mixture(path: str | Path) -> tuple[list[dict], int | None]:
         max_per_task: 1000       # optional: cap per task before weighting
 
     Raises:
-        ConfigError: unreadable YAML or a malformed entry (file and entry named).
+        ConfigError: unreadable YAML, a key given twice in one mapping (file, key and both lines named) or a
+            malformed entry (file and entry named).
     """
     import yaml
 
+    from itune.yamlio import safe_load_unique
+
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = safe_load_unique(path.read_text(encoding="utf-8"), path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the mixture file ({e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list) or not doc["sources"]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from itune.errors import ManifestError
 from itune.fileio import atomic_write_text  # noqa: F401  (re-exported for callers)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own integrity record (``integrity.sha256``)
 MANIFEST = "manifest.json"
 
 SCHEMA = pa.schema(
@@ -153,7 +153,48 @@ def read_manifest(data_dir: str | Path) -> dict:
     if missing:
         raise ManifestError(f"{p}: not a complete manifest ({'; '.join(missing[:5])}); the directory is damaged: "
                             "prepare the data again")
+    stored = (m.get("integrity") or {}).get("sha256") if isinstance(m.get("integrity"), dict) else None
+    actual = manifest_integrity(m)
+    if stored != actual:
+        raise ManifestError(f"{p}: edited after preparation (its integrity sha256 {str(stored)[:12]}... does not match "
+                            f"its content, {actual[:12]}...); a changed tokenizer id, vocab_size or seq_len would train "
+                            "with wrong values: prepare the data again")
     return m
+
+
+def manifest_integrity(m: dict) -> str:
+    """sha256 of a manifest's content without its ``integrity`` record: canonical JSON (sorted keys, no spaces,
+    UTF-8). :func:`write_manifest` stores it as ``integrity.sha256``; :func:`read_manifest` checks it."""
+    body = {k: v for k, v in m.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode("utf-8")).hexdigest()
+
+
+def write_manifest(out_dir: str | Path, m: dict) -> dict:
+    """Writes ``out_dir/manifest.json`` atomically with its integrity record (``integrity.sha256`` over every
+    other key, :func:`manifest_integrity`). Returns the manifest as written."""
+    m = {**{k: v for k, v in m.items() if k != "integrity"},
+         "integrity": {"sha256": manifest_integrity(m), "covers": "every other key (canonical JSON)"}}
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(m, indent=2) + "\n")
+    return m
+
+
+def tokenizer_problems(m: dict) -> list[str]:
+    """Where the manifest's tokenizer fields disagree with the tokenizer files they name (``tokenizer.path``):
+    fingerprint, ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id``. Empty when they agree or when the manifest
+    names no tokenizer path that exists (data moved to another machine: the trainer then checks the model's
+    tokenizer against the fingerprint)."""
+    from itune.data.tokenizer import TextTokenizer
+
+    info = m.get("tokenizer") or {}
+    path = info.get("path")
+    if not path or not (Path(path) / "tokenizer.json").is_file():
+        return []
+    tok = TextTokenizer.load(path)
+    now = {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+           "pad_id": tok.pad_id}
+    return [f"tokenizer.{k}: the manifest says {info.get(k)!r}, the tokenizer files in {path} give {v!r}"
+            for k, v in now.items() if info.get(k) != v]
 
 
 def _manifest_problems(m: dict) -> list[str]:
@@ -229,7 +270,8 @@ def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
 
 def verify(data_dir: str | Path) -> list[str]:
     """Re-checks every shard against the manifest: checksums (shards and the held-out eval file), schema, row
-    counts, and the layout the offsets describe: ``input_ids``, ``labels`` and ``position_ids`` of ``seq_len``
+    counts, the tokenizer fields against the tokenizer files (:func:`tokenizer_problems`; the manifest's own
+    integrity is checked on reading), and the layout the offsets describe: ``input_ids``, ``labels`` and ``position_ids`` of ``seq_len``
     tokens in every row, no nulls, one id per example, example lengths >= 1 that fit their row, and example and
     token counts equal to the manifest's. (Token values are covered by the checksums, not re-derived.)
 
@@ -243,7 +285,7 @@ def verify(data_dir: str | Path) -> list[str]:
 
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
-    problems = []
+    problems = tokenizer_problems(m)
     seq_len = m["seq_len"]
     for split, info in m["splits"].items():
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # hashing releases the GIL

@@ -101,22 +101,65 @@ def _run(a, p) -> int:
         preds, refs = report.read_official_files(a.score)
         scores = score_superni(preds, refs, xlingual_tokenizer=a.xlingual_tokenizer)
         report.write_results(Path(a.score) / "official_results.json", dict(scores))
-        print(report.markdown_table(dict(scores)))
+        print(report.markdown_table(dict(scores), refs))
         return 0
     if not a.data or not (a.model or a.run_dir):
         p.error("--data and one of --model / --run-dir are required (or --compare / --score)")
     check_generation_args(a)
+    out = a.out or str(Path(a.model or a.run_dir) / "eval")
+    new = [d for d in (Path(out), *Path(out).parents) if not d.exists()]  # created by the lock
+    lock = lock_out(a, out)  # before any model is loaded; a refusal stops every rank
+    try:
+        return _generate(a, out)
+    finally:
+        if lock is not None:
+            lock.release()
+            for d in new:  # a failed evaluation leaves no empty directory behind (e.g. a mistyped --model)
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def lock_out(a, out: str):
+    """One evaluation per output directory: rank 0 takes ``out/.itune.lock`` (:mod:`itune.lock`). Under a launcher
+    the process group is started first (gloo for ``--model``, the ZeRO-3 engine's for ``--run-dir``), so that a
+    refusal stops every rank with the same error.
+
+    Returns:
+        The lock on rank 0, None on the other ranks.
+
+    Raises:
+        ConfigError: another process holds ``out``.
+    """
+    from itune import dist
+    from itune.lock import hold_dir_lock_rank0
+
+    env = dist.resolve()
+    if env.world_size > 1:
+        dist.export_for_torch(env)
+        if a.model:  # an exported model under a launcher: plain data parallel generation
+            import torch.distributed as tdist
+
+            tdist.init_process_group("gloo")
+        else:  # ZeRO-3 generation: the process group engine_from_run goes on with
+            import torch
+
+            from itune.comm import init_distributed
+
+            if init_distributed():
+                torch.cuda.set_device(env.local_rank)
+    return hold_dir_lock_rank0(out, "itune-eval", env.rank, env.world_size, choose="--out")
+
+
+def _generate(a, out: str) -> int:
+    """Loads the model, generates, scores and writes ``out`` (whose lock the caller holds)."""
+    from pathlib import Path
+
+    from itune.eval import report
     from itune.eval.run import engine_from_run, evaluate, model_from_export
 
     if a.model:
-        from itune import dist
-
-        env = dist.resolve()
-        if env.world_size > 1:  # an exported model under a launcher: plain data parallel generation
-            import torch.distributed as tdist
-
-            dist.export_for_torch(env)
-            tdist.init_process_group("gloo")
         from itune.eval.contamination import training_record
 
         model, step, synced, name = model_from_export(a.model, a.data), None, False, a.model
@@ -125,7 +168,6 @@ def _run(a, p) -> int:
     else:
         model, step, training = engine_from_run(a.run_dir, a.data)
         synced, name = True, a.run_dir
-    out = a.out or str(Path(a.model or a.run_dir) / "eval")
     res = evaluate(model, a.data, out, split=a.split, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                    min_new_tokens=a.min_new_tokens,
                    max_instances=a.max_instances, synced_gpus=synced, model_name=name, step=step,
@@ -134,7 +176,7 @@ def _run(a, p) -> int:
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_rank() == 0:
-        print(report.markdown_table(res["results"]))
+        print(report.markdown_table(res["results"], report.read_references(Path(out) / report.REFERENCES_FILE)))
         r = res["results"]
         cont = res["contamination"]
         if "fraction" in cont:

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 from itune.fileio import atomic_write_text
 from itune.errors import DataFormatError
-from itune.eval.metrics import METRICS, TRACKS
+from itune.eval.metrics import METRICS, TRACKS, category_key
 
 PREDICTIONS_FILE = "predictions.jsonl"
 """Official prediction file name: one ``{"id", "prediction"}`` object per line."""
@@ -331,8 +331,31 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _parse_result_key(key: str) -> tuple[str, str, str, str]:
-    """Splits an official result key into ``(track, level, name, metric)``; level is overall/category/task."""
+def _group_levels(records: Iterable[RecordLike]) -> dict[str, str]:
+    """Group name in result keys -> ``"task"`` or ``"category"``, from the records' ``task_id`` and
+    ``task_category`` (as `itune.eval.metrics.score_superni` names groups). A name that is both a task id and a
+    category key is a task: its task key was written last, so the value is the task's."""
+    levels: dict[str, str] = {}
+    for index, record in enumerate(records):
+        for name, level in (("task_category", "category"), ("task_id", "task")):
+            if isinstance(record, EvalRecord):
+                value = getattr(record, name)
+            elif isinstance(record, Mapping):
+                value = record.get(name)
+            else:
+                raise DataFormatError(f"records[{index}] is {type(record).__name__}, not an EvalRecord or a mapping.")
+            if isinstance(value, str) and value:
+                group = category_key(value) if level == "category" else value
+                if level == "task" or group not in levels:
+                    levels[group] = level
+    return levels
+
+
+def _parse_result_key(key: str, levels: Mapping[str, str] | None = None) -> tuple[str, str, str, str]:
+    """Splits an official result key into ``(track, level, name, metric)``; level is overall/category/task.
+
+    ``levels`` (from `_group_levels`) labels a group; without it a name starting with ``task<digits>`` is a task.
+    """
     match = _RESULT_KEY_RE.match(key)
     if match is None:
         raise DataFormatError(
@@ -342,16 +365,26 @@ def _parse_result_key(key: str) -> tuple[str, str, str, str]:
     metric, group, track = match.groups()
     if group is None:
         return track, "overall", "all", metric
-    level = "task" if _TASK_NAME_RE.match(group) else "category"
+    if levels is None:
+        level = "task" if _TASK_NAME_RE.match(group) else "category"
+    elif group in levels:
+        level = levels[group]
+    else:
+        raise DataFormatError(
+            f"result key {key!r} names group {group!r}, which is neither a task_id nor a task category of the "
+            "records given; pass the records these results were scored from."
+        )
     return track, level, group, metric
 
 
-def markdown_table(results: Mapping[str, float]) -> str:
+def markdown_table(results: Mapping[str, float], records: Iterable[RecordLike] | None = None) -> str:
     """Renders SuperNI results as a Markdown table with EM and ROUGE-L columns.
 
     One row per track and group: for each track present (default, then xlingual) the overall row, then the
-    category rows, then the task rows (a group whose name starts with ``task<digits>`` is a task), each sorted
-    by name. Values are printed with 4 decimals; a metric absent for a row shows ``-``.
+    category rows, then the task rows, each sorted by name. A group is a task when it is the ``task_id`` of one of
+    ``records``, a category when it is the category key of one of their ``task_category`` values (a name that is
+    both is a task); without ``records`` a group whose name starts with ``task<digits>`` is a task (SuperNI
+    naming). Values are printed with 4 decimals; a metric absent for a row shows ``-``.
 
     Example:
         ``{"exact_match_default_track": 50.0, "rougeL_default_track": 86.1111}`` renders as::
@@ -362,16 +395,20 @@ def markdown_table(results: Mapping[str, float]) -> str:
 
     Args:
         results: the official results dict (e.g. from `itune.eval.metrics.score_superni`).
+        records: the evaluated instances the results were scored from: `EvalRecord` objects or mappings with
+            ``task_id`` and ``task_category`` (reference records, ``references.jsonl`` rows or eval records).
 
     Returns:
         The table, ending with a newline.
 
     Raises:
-        DataFormatError: a key is not an official result key, or a value is not a finite number.
+        DataFormatError: a key is not an official result key, a value is not a finite number, or (with
+            ``records``) a group is neither a task id nor a category of the records.
     """
+    levels = None if records is None else _group_levels(records)
     rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for key, value in results.items():
-        track, level, name, metric = _parse_result_key(key)
+        track, level, name, metric = _parse_result_key(key, levels)
         rows.setdefault((track, level, name), {})[metric] = _number(value, f"result {key!r}")
     track_order = {track: i for i, track in enumerate(TRACKS)}
     level_order = {"overall": 0, "category": 1, "task": 2}

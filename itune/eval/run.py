@@ -112,7 +112,7 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
         report.write_official_files(out, [{**r, "prediction": predictions[r["id"]]} for r in records])
         report.write_results(out / "official_results.json", dict(scores))
         shards.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-        shards.atomic_write_text(out / "results.md", report.markdown_table(dict(scores)))
+        shards.atomic_write_text(out / "results.md", report.markdown_table(dict(scores), records))
     return results
 
 
@@ -159,13 +159,17 @@ def model_from_export(path: str | Path, data_dir: str | Path | None = None):
     tokenizer when given.
 
     Raises:
-        ConfigError: not a model directory. ManifestError: tokenizer or vocabulary mismatch.
+        ConfigError: not a model directory, or a truncated or missing safetensors file (one line per file).
+        ManifestError: tokenizer or vocabulary mismatch.
     """
-    from itune.checkpoint import load_export
+    from itune.checkpoint import load_export, safetensors_problems
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{p}: not a Hugging Face model directory (no config.json)")
+    problems = safetensors_problems(p)
+    if problems:
+        raise ConfigError("\n".join(problems))
     if data_dir is not None:
         check_tokenizer(p, data_dir)
         vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
@@ -178,13 +182,80 @@ def model_from_export(path: str | Path, data_dir: str | Path | None = None):
     return model.cuda() if cuda else model
 
 
+def _recorded_training(run_dir: Path, tag: str, state: dict) -> dict | None:
+    """What the run's checkpoint ``tag`` trained on (``itune_training.json`` fields): from its ``itune_state.json``
+    (``training``), else from an export of the same data beside it (``checkpoints/TAG/hf``, ``export``); None
+    for a run that recorded neither."""
+    if isinstance(state.get("training"), dict):
+        return state["training"]
+    for d in (run_dir / "checkpoints" / tag / "hf", run_dir / "export"):
+        p = d / "itune_training.json"
+        if p.is_file():
+            rec = json.loads(p.read_text())
+            if rec.get("manifest_hash") == state.get("manifest_hash"):
+                return {**rec, "step": state["global_step"]}
+    return None
+
+
+def run_data(run_dir: str | Path, tag: str, state: dict, eval_data: str | Path | None = None) -> tuple[dict, dict]:
+    """The manifest whose tokenizer the run's model is rebuilt with, and the run's training record.
+
+    The run's ``data.path`` as written in its config (relative paths are resolved from the current directory),
+    else the absolute path the run recorded. When neither holds the data, an explicit ``eval_data`` prepared with
+    the tokenizer the run recorded (its fingerprint) is used instead.
+
+    Raises:
+        ConfigError: the training data is not found and no ``eval_data`` is given (or the run recorded no
+            tokenizer to check it against); names the path and says to pass ``--data``.
+        ManifestError: ``eval_data`` was prepared with another tokenizer than the run's.
+    """
+    from itune.config import RELATIVE_PATHS
+
+    run_dir = Path(run_dir)
+    given = state["config"]["data"]["path"]
+    recorded = _recorded_training(run_dir, tag, state)
+    candidates = [Path(given)] + [Path(p) for p in ((state.get("paths") or {}).get("data.path"),
+                                                    (recorded or {}).get("data_path")) if p]
+    train_dir = next((d for d in candidates if (d / shards.MANIFEST).is_file()), None)
+    if train_dir is not None:
+        m = shards.read_manifest(train_dir)
+        if eval_data is not None and shards.read_manifest(eval_data)["tokenizer"]["fingerprint"] != m["tokenizer"][
+                "fingerprint"]:
+            raise ManifestError(f"{eval_data} was prepared with another tokenizer than the run's training data "
+                                f"{train_dir}; prepare it with {m['tokenizer']['path']}")
+        training = {"step": state["global_step"], "data_path": str(train_dir.resolve()),
+                    "train_split": state["config"]["data"]["train_split"], "manifest_hash": state["manifest_hash"],
+                    "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
+                    "train_tasks": m["splits"][state["config"]["data"]["train_split"]]["tasks"]}
+        return m, training
+    note = "" if Path(given).is_absolute() else f" ({RELATIVE_PATHS.format(cwd=Path.cwd())})"
+    elsewhere = [str(d) for d in dict.fromkeys(candidates[1:]) if d != Path(given)]
+    missing = (f"{run_dir}: the run's data.path {given} not found{note}"
+               + (f", nor at {' or '.join(elsewhere)} where the run recorded it" if elsewhere else ""))
+    if eval_data is None:
+        raise ConfigError(f"{missing}; pass --data DIR, data prepared with the run's tokenizer")
+    if recorded is None:
+        raise ConfigError(f"{missing}, and the run records no tokenizer fingerprint to check --data {eval_data} "
+                          "against; run from the directory the training was launched from")
+    m = shards.read_manifest(eval_data)
+    if m["tokenizer"]["fingerprint"] != recorded["tokenizer_fingerprint"]:
+        raise ManifestError(f"{eval_data}: prepared with tokenizer {m['tokenizer']['path']} (fingerprint "
+                            f"{m['tokenizer']['fingerprint']}), but the run {run_dir} trained with fingerprint "
+                            f"{recorded['tokenizer_fingerprint']}; prepare it with the run's tokenizer")
+    return m, {**recorded, "step": state["global_step"]}
+
+
 def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     """Rebuilds the ZeRO-3 model of a training run and loads its latest DeepSpeed checkpoint (weights only).
+
+    The tokenizer ids and vocabulary come from the run's training data, or from ``eval_data`` when that data is
+    not here (:func:`run_data`); ``ds_config`` and ``model.pretrained`` are read as the run's config writes them
+    (relative paths from the current directory), else at the absolute paths the run recorded.
 
     Must run under a distributed launcher (or as a single process); returns ``(module, step, training_record)``.
     """
     from itune import checkpoint, dist
-    from itune.config import BatchPlan, config_from_dict
+    from itune.config import BatchPlan, config_from_dict, path_not_found
     from itune.model import (attention, build_ds_config, build_model, embedding_rows, model_config, resize_embeddings,
                              use_bf16)
 
@@ -193,18 +264,26 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     if tag is None:
         raise ConfigError(f"{ckpt_dir}: no checkpoint (no 'latest' file)")
     state = json.loads((ckpt_dir / tag / "itune_state.json").read_text())
+    cfg = config_from_dict(state["config"])
+    m, training = run_data(run_dir, tag, state, eval_data)
+    paths = state.get("paths") or {}
+
+    def recorded(key: str, given: str) -> str:  # the path as written if it exists, else the one the run recorded
+        if Path(given).exists():
+            return given
+        if paths.get(key) and Path(paths[key]).exists():
+            return paths[key]
+        raise ConfigError(f"{run_dir}: the run's {path_not_found(key, given)}")
+
+    cfg.ds_config = recorded("ds_config", cfg.ds_config)
+    if cfg.model.pretrained:
+        cfg.model.pretrained = recorded("model.pretrained", cfg.model.pretrained)
     env = dist.resolve()
     dist.export_for_torch(env)
     cuda = init_distributed()
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = config_from_dict(state["config"])
-    m = shards.read_manifest(cfg.data.path)
-    if eval_data is not None and shards.read_manifest(eval_data)["tokenizer"]["fingerprint"] != m["tokenizer"][
-            "fingerprint"]:
-        raise ManifestError(f"{eval_data} was prepared with another tokenizer than the run's training data "
-                            f"{cfg.data.path}; prepare it with {m['tokenizer']['path']}")
     plan = BatchPlan(1, m["seq_len"], 1, 1, tdist.get_world_size(), 1, None)
     hf_config = model_config(cfg, m["tokenizer"]["vocab_size"])
     for k in ("bos_id", "eos_id", "pad_id"):
@@ -224,8 +303,4 @@ def engine_from_run(run_dir: str | Path, eval_data: str | Path | None = None):
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
     engine.module._itune_keepalive = dschf
-    training = {"step": state["global_step"], "data_path": str(Path(cfg.data.path).resolve()),
-                "train_split": cfg.data.train_split, "manifest_hash": state["manifest_hash"],
-                "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
-                "train_tasks": m["splits"][cfg.data.train_split]["tasks"]}
     return engine.module, state["global_step"], training
