@@ -35,7 +35,13 @@ PEAK = 989e12
 
 
 def launcher(nproc: int) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc)]
+    """The deepspeed launcher on a port free now (another job's rendezvous on 29500 must not stop the check)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)]
 
 
 def train(out: Path, log: Path, data: str, overrides: list[str], nproc: int = 1) -> list[dict]:

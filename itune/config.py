@@ -249,14 +249,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        tree = safe_load_unique(p.read_text(), p) or {}
+        try:
+            tree = safe_load_unique(p.read_text(encoding="utf-8"), p) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the run config as UTF-8") \
+                from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ConfigError(f"{p}:{where}: not valid YAML ({what}); fix the file") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: a run config is a YAML mapping")
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key.sub=value")
         k, v = ov.split("=", 1)
-        _set_path(tree, k.strip(), yaml.safe_load(v))
+        if not v.strip():  # e.g. an unset shell variable: `train.max_steps=$STEPS`
+            raise ConfigError(f"override {ov!r}: empty value; give one, or write {k.strip()}=null to unset it")
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: not a YAML value ({str(e).splitlines()[0]})") from None
+        _set_path(tree, k.strip(), value)
     errors: list[str] = []
     model = tree.get("model") if isinstance(tree.get("model"), dict) else None
     if model is not None and model.get("pretrained") is not None:
@@ -288,9 +303,9 @@ def _number(v):
 #: (key, lowest allowed, whether the lowest is excluded, highest allowed or None): finite numbers in range.
 _RANGES = (
     ("train.micro_batch_size", 1, False, None), ("train.gradient_accumulation_steps", 1, False, None),
-    ("train.epochs", 1, False, None), ("train.max_steps", 1, False, None), ("train.seed", 0, False, None),
+    ("train.epochs", 1, False, None), ("train.max_steps", 1, False, None), ("train.seed", 0, False, 2**63 - 1),
     ("train.log_every", 1, False, None), ("train.eval_every", 0, False, None),
-    ("train.peak_flops_per_s", 0, False, None), ("train.collective_timeout_s", 1, False, None),
+    ("train.peak_flops_per_s", 0, False, None), ("train.collective_timeout_s", 1, False, 7 * 24 * 3600),
     ("train.generate_every", 0, False, None), ("train.generate_max_instances", 1, False, None),
     ("train.generate_max_new_tokens", 1, False, None), ("train.skip_nonfinite_steps", 0, False, None),
     ("train.orphan_timeout_s", 0, False, None),
@@ -314,6 +329,9 @@ def validate(cfg: RunConfig) -> list[str]:
     e = []
     if not cfg.data.path:
         e.append("data.path: required (a directory prepared by `itune-data prepare`)")
+    if isinstance(cfg.model.pretrained, str) and not cfg.model.pretrained.strip():
+        e.append("model.pretrained: empty; give a Hugging Face checkpoint directory, or null to build the model "
+                 "from model.architecture")
     for key, lo, lo_open, hi in _RANGES:
         section, name = key.split(".")
         v = _number(getattr(getattr(cfg, section), name))

@@ -95,6 +95,10 @@ def check_model_config(cfg: RunConfig) -> list[str]:
             return [f"model.pretrained: {d / 'config.json'} cannot be read by transformers ({type(err).__name__}: "
                     f"{str(err).splitlines()[0][:200] if str(err) else ''})"]
         e += [f"model.pretrained: {x}" for x in safetensors_problems(d)]
+        if not (d / "tokenizer.json").is_file():  # the data's tokenizer is checked against the model's
+            e.append(f"model.pretrained: {d} has no tokenizer.json; copy the model's tokenizer files (tokenizer.json, "
+                     "tokenizer_config.json, special_tokens_map.json) into it, as save_pretrained of the tokenizer "
+                     "writes them")
     try:
         attention(cfg, hf_config, torch.cuda.is_available())
     except ConfigError as err:

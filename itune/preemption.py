@@ -21,20 +21,20 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as tdist
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after a stop request; relaunch to resume
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """``(ppid, start time in clock ticks)`` of a process from ``/proc/PID/stat``; None when it does not exist."""
+    """``(ppid, start time in clock ticks)`` of a process from ``/proc/PID/stat``; None when it does not exist or
+    has exited (a zombie not yet reaped by its parent)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read().decode("utf-8", "replace")
     except OSError:
         return None
     fields = data[data.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... starttime (field 22)
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[1]), int(fields[19])
 
 
@@ -61,14 +61,19 @@ def launcher_chain(source: str, pid: int | None = None) -> list[tuple[int, int, 
     if source == "single":
         return []
     me = _stat(pid or os.getpid())
-    if me is None or me[0] <= 1:
+    if me is None:
         return []
+    if me[0] <= 1:  # launched, but its launcher is already gone (the rank was re-parented to init)
+        return [(0, 0, "the launcher (gone before this rank looked)")]
     parent = me[0]
     p = _stat(parent)
     if p is None:
         return []
     chain = [(parent, p[1], _cmdline(parent))]
-    if source == "deepspeed" and "deepspeed.launcher.launch" in chain[0][2] and p[0] > 1:
+    if source == "deepspeed" and "deepspeed.launcher.launch" in chain[0][2]:
+        if p[0] <= 1:  # deepspeed.launcher.launch already re-parented: the command above it is gone
+            chain.append((0, 0, "the deepspeed command (gone before this rank looked)"))
+            return chain
         gp = _stat(p[0])
         cmd = _cmdline(p[0])
         if gp is not None and "deepspeed" in cmd and "deepspeed.launcher.launch" not in cmd:
@@ -79,7 +84,7 @@ def launcher_chain(source: str, pid: int | None = None) -> list[tuple[int, int, 
 def gone(chain: list[tuple[int, int, str]]) -> tuple[int, str] | None:
     """The first process of ``chain`` that no longer runs (pid missing or reused), as ``(pid, command)``."""
     for pid, start, cmd in chain:
-        st = _stat(pid)
+        st = _stat(pid) if pid > 0 else None
         if st is None or st[1] != start:
             return pid, cmd
     return None
@@ -141,6 +146,9 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """Whether any rank has the flag raised (one all-reduce; every rank must call it)."""
+        import torch
+        import torch.distributed as tdist
+
         t = torch.tensor([1 if self.raised else 0])
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return bool(t.item())

@@ -707,15 +707,19 @@ def _resume(s: Setup) -> int:
     return st["global_step"]
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, launcher: list | None = None) -> dict:
     """Trains per ``cfg``; returns a summary (also ``output_dir/train_summary.json``).
+
+    Args:
+        launcher: the launcher processes to watch (:func:`itune.preemption.launcher_chain`), best recorded when
+            the process starts (``launcher/train.py`` does); None: recorded now.
 
     Exits the process with :data:`EXIT_PREEMPTED` after saving a checkpoint on SIGTERM/SIGUSR1.
     """
-    # first: a signal during start-up is honoured at the first step boundary
+    # first: a signal or a launcher gone during start-up (model loading) is honoured at the first step boundary
     preempt = PreemptionFlag(orphan_timeout_s=cfg.train.orphan_timeout_s)
+    preempt.watch(launcher_chain(dist.resolve().source) if launcher is None else launcher)
     s = setup(cfg)
-    preempt.watch(launcher_chain(s.env.source))  # a launcher that dies (or is killed) stops the ranks too
     engine, plan, log, rank = s.engine, s.plan, s.log, s.rank
     start_step = _resume(s)
     if cfg.checkpoint.export_initial and start_step == 0:

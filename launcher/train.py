@@ -16,13 +16,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
+    from itune.dist import resolve
+    from itune.errors import ItuneError
+    from itune.preemption import launcher_chain
+
+    try:  # first, before the slow imports: the launcher may be gone by the time the model is built
+        launcher = launcher_chain(resolve().source)
+    except ItuneError:
+        launcher = None  # a mis-launch: preflight reports it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     from itune.config import load_config
-    from itune.errors import ItuneError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -34,7 +41,7 @@ def main(argv=None) -> int:
 
     try:
         preflight(cfg)
-        run(cfg)
+        run(cfg, launcher)
     except ItuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,7 +122,7 @@ def test_architecture_with_pretrained_is_refused_naming_both(tmp_path):
     ("optim.lr=.inf", "optim.lr: must be > 0 and finite, got inf"),
     ("optim.eps=0", "optim.eps: must be > 0, got 0"),
     ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be >= 0, got -1"),
-    ("train.collective_timeout_s=0", "train.collective_timeout_s: must be >= 1, got 0"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s: must be >= 1 and <= 604800, got 0"),
     ("train.eval_every=-2", "train.eval_every: must be >= 0, got -2"),
     ("train.generate_every=-1", "train.generate_every: must be >= 0, got -1"),
     ("train.generate_max_instances=-1", "train.generate_max_instances: must be >= 1, got -1"),
@@ -195,3 +195,43 @@ def test_yaml_without_duplicates_loads_exactly_as_safe_load():
     assert safe_load_unique("", "t.yaml") is None and safe_load_unique("# only a comment\n", "t.yaml") is None
     for p in sorted(Path("configs").glob("*.yaml")):
         assert safe_load_unique(p.read_text(), p) == yaml.safe_load(p.read_text()), p
+
+
+@pytest.mark.parametrize("text,message", [
+    ("data:\n  path: [/x\n", "bad.yaml: line 3 column 1: not valid YAML (while parsing a flow sequence expected ',' "
+                            "or ']', but got '<stream end>'); fix the file"),
+    (b"\xff\xfe bad", "bad.yaml: not UTF-8 text (byte 0: invalid start byte); save the run config as UTF-8"),
+])
+def test_unreadable_run_config_is_one_line(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=", "override 'train.max_steps=': empty value; give one, or write train.max_steps=null to unset it"),
+    ("train.seed=18446744073709551616", "train.seed: must be >= 0 and <= 9223372036854775807, got 18446744073709551616"),
+    ("train.collective_timeout_s=100000000000000000000",
+     "train.collective_timeout_s: must be >= 1 and <= 604800, got 100000000000000000000"),
+    ("model.pretrained=''", "model.pretrained: empty; give a Hugging Face checkpoint directory, or null to build the "
+                            "model from model.architecture"),
+])
+def test_values_a_run_would_crash_on_are_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.path=x", "model.architecture=null", override])
+    assert message in str(e.value)
+
+
+def test_a_checkpoint_without_tokenizer_files_is_named(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from itune.model import check_model_config
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    cfg = load_config(None, ["data.path=x", f"model.pretrained={tmp_path}", "model.architecture=null"])
+    assert check_model_config(cfg) == [
+        f"model.pretrained: {tmp_path} has no tokenizer.json; copy the model's tokenizer files (tokenizer.json, "
+        "tokenizer_config.json, special_tokens_map.json) into it, as save_pretrained of the tokenizer writes them"]

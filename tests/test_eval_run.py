@@ -51,7 +51,7 @@ def test_out_of_range_generation_options_are_refused_together_before_loading(sup
 
     rc = main(["--data", str(superni_data(512)), "--model", str(tmp_path / "no-model"), "--split", "nope",
                "--batch-size", "0", "--max-new-tokens", "-5", "--max-instances", "0", "--sample",
-               "--temperature", "0", "--ngram-threshold", "2"])
+               "--temperature", "0", "--ngram-threshold", "2", "--xlingual-tokenizer", str(tmp_path / "nowhere")])
     assert rc == 2
     assert capsys.readouterr().err == (
         "error: invalid evaluation options:\n"
@@ -60,7 +60,26 @@ def test_out_of_range_generation_options_are_refused_together_before_loading(sup
         "  - --max-instances: must be >= 1, got 0\n"
         "  - --temperature: must be > 0 with --sample, got 0.0\n"
         "  - --ngram-threshold: a fraction in [0, 1], got 2.0\n"
+        f"  - --xlingual-tokenizer: {tmp_path / 'nowhere'} not found; give a tokenizer directory or leave the option "
+        "out\n"
         f"  - --split 'nope': {superni_data(512)} has splits ['test', 'train']\n")
     rc = main(["--data", str(superni_data(512)), "--model", str(tmp_path / "no-model"), "--min-new-tokens", "50",
                "--max-new-tokens", "4"])
     assert rc == 2 and "--min-new-tokens 50 exceeds --max-new-tokens 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("notjson", "not a results file (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"),
+    ("[1, 2]", "holds no official scores (no exact_match / rougeL keys)"),
+    ('{"a": 1}', "holds no official scores (no exact_match / rougeL keys)"),
+])
+def test_compare_refuses_a_file_that_is_not_results(tmp_path, capsys, content, problem):
+    from itune.eval.cli import main
+
+    good = tmp_path / "results.json"
+    good.write_text('{"results": {"exact_match": 1.0, "rougeL": 2.0}}')
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert main(["--compare", str(good), str(bad)]) == 2
+    assert capsys.readouterr().err == (f"error: {bad}: {problem}; --compare takes two results.json files written "
+                                       "by itune-eval\n")

@@ -64,7 +64,7 @@ def baseline(tmp_path_factory, superni_data):
 def _resumes_exactly(cmd_fn, tmp, data, run, full):
     ckpt = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "itune_state.json")
                       .read_text())
-    assert 2 <= ckpt["global_step"] < STEPS
+    assert 1 <= ckpt["global_step"] < STEPS
     run_cmd(cmd_fn(2, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}"),
             env={"OMP_NUM_THREADS": "1"})
     assert _losses(run) == full
@@ -86,6 +86,32 @@ def test_signal_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(base
     out = p.output()
     assert "is gone; saving a checkpoint at the next step boundary" in out, out[-3000:]
     assert f"checkpoint saved at optimizer step" in out and f"exiting with {EXIT_PREEMPTED}" in out
+    _resumes_exactly(deepspeed_cmd, tmp, data, run, full)
+
+
+def test_launcher_killed_during_start_up_leaves_no_rank(baseline):
+    """The deepspeed command killed while the ranks still load: they stop at the first step boundary."""
+    tmp, data, full = baseline
+    run = tmp / "ds_startup"
+    log = open(tmp / "ds_startup.log", "w")
+    p = subprocess.Popen(deepspeed_cmd(2, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}"),
+                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the ranks are up (the start-up line is printed), none trained yet
+        ranks = [c for c in psutil.Process(p.pid).children(recursive=True) if "--local_rank=" in " ".join(c.cmdline())]
+        if len(ranks) == 2 and "rank 0/2 local 0" in (tmp / "ds_startup.log").read_text():
+            break
+        time.sleep(0.1)
+    assert len(ranks) == 2 and not (run / "losses.jsonl").exists()
+    os.kill(p.pid, signal.SIGTERM)
+    try:
+        _all_gone(ranks, within=120)
+    finally:
+        _kill_group(p.pid)
+    out = (tmp / "ds_startup.log").read_text()
+    assert "is gone; saving a checkpoint at the next step boundary" in out, out[-3000:]
+    assert len(_losses(run)) == 1  # one step, then the checkpoint
     _resumes_exactly(deepspeed_cmd, tmp, data, run, full)
 
 

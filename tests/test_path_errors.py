@@ -21,7 +21,7 @@ from itune.eval.cli import main as eval_main
 from itune.eval.run import engine_from_run, run_data
 from itune.model import build_ds_config
 from itune.train import preflight
-from tests.conftest import ROOT
+from tests.conftest import MISTRAL, ROOT
 
 RELATIVE = "relative paths are resolved from the current directory {}; run from the repository root or give an " \
            "absolute path"
@@ -44,6 +44,7 @@ def _tiny_checkpoint(d, **save):
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d, **save)
+    shutil.copy(MISTRAL / "tokenizer.json", d / "tokenizer.json")  # a checkpoint directory carries its tokenizer
     return d
 
 

@@ -71,6 +71,9 @@ def check_generation_args(a) -> None:
         problems.append(f"--temperature: must be > 0 with --sample, got {a.temperature}")
     if not 0 <= a.ngram_threshold <= 1:
         problems.append(f"--ngram-threshold: a fraction in [0, 1], got {a.ngram_threshold}")
+    if a.xlingual_tokenizer and not __import__("pathlib").Path(a.xlingual_tokenizer).exists():
+        problems.append(f"--xlingual-tokenizer: {a.xlingual_tokenizer} not found; give a tokenizer directory or "
+                        "leave the option out")
     splits = shards.read_manifest(a.data)["splits"]
     if a.split not in splits:
         problems.append(f"--split {a.split!r}: {a.data} has splits {sorted(splits)}")

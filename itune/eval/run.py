@@ -132,9 +132,20 @@ def _contamination(records, manifest, split, tok, training, threshold, data_dir)
 
 
 def load_results(path: str | Path) -> dict:
-    """Official results dict from a ``results.json`` or an ``official_results.json``."""
-    d = json.loads(Path(path).read_text())
-    return d["results"] if isinstance(d.get("results"), dict) else d
+    """Official results dict from a ``results.json`` or an ``official_results.json``.
+
+    Raises:
+        ConfigError: the file is not JSON, or holds no official scores (no ``exact_match`` / ``rougeL`` key).
+    """
+    fix = "--compare takes two results.json files written by itune-eval"
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a results file ({type(e).__name__}: {e}); {fix}") from None
+    d = d.get("results") if isinstance(d, dict) and isinstance(d.get("results"), dict) else d
+    if not isinstance(d, dict) or not any(k.startswith(("exact_match", "rougeL")) for k in d):
+        raise ConfigError(f"{path}: holds no official scores (no exact_match / rougeL keys); {fix}")
+    return d
 
 
 def check_tokenizer(model_dir: str | Path, data_dir: str | Path) -> None:
