@@ -58,7 +58,7 @@ def test_preempted_run_resumes_with_identical_losses(prepared):
     rc, out = _preempt(cmd, run)
     assert rc == EXIT_PREEMPTED, out[-3000:]
     saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
-    assert 2 <= saved < STEPS and "preempted: checkpoint saved" in out
+    assert 2 <= saved < STEPS and "preempted (SIGUSR1): checkpoint saved" in out
     shutil.copytree(run, tmp / "preempted_copy")  # for the world-size test below
     out = run_cmd(cmd).stdout
     assert f"resumed from {run / 'checkpoints' / f'global_step{saved}'}" in out

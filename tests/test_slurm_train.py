@@ -191,7 +191,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(preempted_
     assert r["pending"]["Restarts"] == "1" and r["info"]["Restarts"] == "1"
 
     # First run: signal forwarded, checkpoint at the next step boundary, exit 75, requeue.
-    m = re.search(r"preempted: checkpoint saved at optimizer step (\d+); exiting with 75", first)
+    m = re.search(r"preempted \(.*\): checkpoint saved at optimizer step (\d+); exiting with 75", first)
     assert m, first[-6000:]
     saved = int(m.group(1))
     assert r["signalled_at_step"] <= saved < STEPS
