@@ -429,7 +429,7 @@ def probe_isolation(model, vocab: int, packed: bool = True) -> dict:
 
 def refusal_message(probe: dict, data_path) -> str:
     """The one-line refusal of packed data for a model that no isolation method isolates."""
-    _, fam = family_of_type(probe["model_type"])
+    fam = FAMILIES.get(probe["model_type"], DEFAULT_FAMILY)
     parts = []
     for t in probe["tried"]:
         if "error" in t:
@@ -441,10 +441,6 @@ def refusal_message(probe: dict, data_path) -> str:
             f"(attention {probe['attn_implementation']}, {probe['dtype']}"
             + (f"; {fam.note}" if fam.note else "") + f"); probed: {'; '.join(parts)}. Ways out: prepare the data "
             "without packing (`itune-data prepare --no-pack`), or set another model.attn_implementation")
-
-
-def family_of_type(model_type: str) -> tuple[str, Family]:
-    return model_type, FAMILIES.get(model_type, DEFAULT_FAMILY)
 
 
 # ----------------------------------------------------------------------------------------------- MoE

@@ -90,7 +90,7 @@ def test_signal_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(base
     assert launch.pid not in psutil.pids()
     out = p.output()
     assert "is gone; saving a checkpoint at the next step boundary" in out, out[-3000:]
-    assert f"checkpoint saved at optimizer step" in out and f"exiting with {EXIT_PREEMPTED}" in out
+    assert "checkpoint saved at optimizer step" in out and f"exiting with {EXIT_PREEMPTED}" in out
     _resumes_exactly(deepspeed_cmd, tmp, data, run, full)
 
 

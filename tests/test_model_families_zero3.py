@@ -3,7 +3,6 @@ one process without DeepSpeed on the same rows, ZeRO-3 generation equals the exp
 added tokens and resumes exactly, and the MoE router aux loss has the documented gradient."""
 
 import json
-import sys
 
 import pytest
 import torch
