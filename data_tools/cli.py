@@ -33,8 +33,8 @@ def _prepare(a) -> int:
     if a.input or a.mixture:
         return _prepare_sources(a)
     given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction",
-                                                  "task_field", "heldout_tasks", "max_per_task")
-             if getattr(a, k) not in (None, [], "auto", "raise")]
+                                                  "task_field", "heldout_tasks", "max_per_task", "strict_keys")
+             if getattr(a, k) not in (None, [], "auto", "raise", False)]
     if a.train_on != "all":
         given.append("--train-on")
     if given:
@@ -71,7 +71,8 @@ def _prepare_sources(a) -> int:
         max_rows_per_shard=a.max_rows_per_shard, pack=not a.no_pack, overwrite=a.overwrite,
         task_field=a.task_field, heldout_tasks=[t.strip() for t in (a.heldout_tasks or "").split(",") if t.strip()],
         max_eval_instances_per_task=a.max_eval_instances_per_task, max_per_task=max_per_task,
-        num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices))
+        num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices,
+        strict_keys=a.strict_keys, max_instances_per_task=a.max_instances_per_task))
     if "splits" not in m:
         return _print_slice(m, a.out)
     return _print_sources(m, a.out)
@@ -108,7 +109,32 @@ def _print_sources(m: dict, out) -> int:
               f"rejected {sum(c['rejected'].values())} {c['rejected'] or ''}"
               + (f"; mixture weight {s['weight']:g}: {s['mixture']['examples']} of {s['mixture']['available']} "
                  f"examples written" if s.get("weight", 1.0) != 1.0 or m["mixture"]["max_per_task"] else ""))
+        for line in source_note_lines(s):
+            print(f"  {line}")
     return _print_splits(m, out)
+
+
+def source_note_lines(s: dict) -> list[str]:
+    """A source's manifest notes as console lines: keys not read, turns or messages not rendered, assistant turns
+    trained."""
+    lines = []
+    if s.get("unused_keys"):
+        lines.append("unused keys: " + ", ".join(f"{k} ({n} records)" for k, n in s["unused_keys"].items())
+                     + " (map one with --field NAME=KEY; --strict-keys refuses them)")
+    d = s.get("dropped", {})
+    for k, n in d.items():
+        if k.startswith("template_"):
+            lines.append(f"the chat template left out {n} {k[len('template_'):]} messages (it renders them only in "
+                         "some positions; see the template, or use --template chat)")
+    if d.get("trailing_turns"):
+        lines.append(f"{d['trailing_turns']} turns after the last assistant turn dropped (no response to train on)")
+    if d.get("instances_over_cap"):
+        lines.append(f"{d['instances_over_cap']} instances beyond --max-instances-per-task not read")
+    t = s.get("assistant_turns")
+    if t and t["untrained"]:
+        lines.append(f"assistant turns: {t['trained']} trained, {t['untrained']} not trained (weight 0 or "
+                     "--train-on last)")
+    return lines
 
 
 def _print_splits(m: dict, out) -> int:
@@ -251,6 +277,9 @@ def main(argv=None) -> int:
                    help="with --on-error skip: fail when more than this fraction of records is bad")
     q.add_argument("--no-pack", action="store_true", help="one example per row (no packing), for comparison")
     q.add_argument("--task-field", help="record field naming each example's task (e.g. category)")
+    q.add_argument("--strict-keys", action="store_true",
+                   help="refuse a record holding a key its format and --field mapping do not read (default: count "
+                        "such keys per source and report them)")
     q.add_argument("--heldout-tasks", help="comma-separated task names (values of --task-field) written to the "
                    "held-out split 'test' with eval instances, never to 'train'")
     q.add_argument("--mixture", metavar="YAML", help="mixture file: sources with per-source weight, template, "

@@ -52,12 +52,14 @@ from itune.data.render import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_
     render_flat, render_prompt
 from itune.data.shards import arrow_to_numpy as _to_np, numpy_to_arrow as _np, strings_to_arrow as _str
 from itune.data.sources import (ARROW_SUFFIXES, PARQUET_SUFFIXES, LineBlock, RecordError, decode_jsonl_line,
-                                is_json_array, iter_records, jsonl_blocks, parse_record, read_superni_task)
+                                is_json_array, iter_records, jsonl_blocks, parse_records, read_superni_task)
 from itune.data.stats import int_edges, int_histogram
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, DataFormatError, ManifestError, WorkerError
 from itune.fileio import atomic_write_text
 
+#: Formats whose records hold many examples, each record a task (:func:`itune.data.sources.parse_records`).
+NESTED_FORMATS = ("instances", "superni_jsonl")
 #: Records per chunk (per source; the last chunk of a source may be shorter).
 CHUNK_RECORDS = 1024
 #: Rows built and written at a time by the merge.
@@ -125,6 +127,8 @@ class PipelinePlan:
     source_kind: dict = field(default_factory=dict)
     superni: dict | None = None
     extra_manifest: dict = field(default_factory=dict)
+    strict_keys: bool = False
+    max_instances_per_task: int | None = None
 
     def fingerprint(self) -> str:
         d = asdict(self)
@@ -220,13 +224,15 @@ def _process_chunk(job) -> dict:
         items = items.items()
     plan, tok = _WORKER["plan"], _WORKER["tok"]
     spec = plan.sources[si]
+    notes: Counter = Counter()  # reported per source: unused keys, dropped turns, assistant turns trained
     res = {"chunk": k, "source": si, "read": len(items), "bad": 0, "rejected": Counter(),
-           "rejected_test": Counter(), "rejects": [],
+           "rejected_test": Counter(), "rejects": [], "notes": notes,
            "error": None, "eval": []}
     examples, locs = [], []
 
     heldout = _WORKER["heldout"]
-    source_heldout = plan.task_field is None and spec.name in heldout  # a held-out SuperNI task file
+    # a held-out SuperNI task file (a source that is one task)
+    source_heldout = plan.task_field is None and spec.format not in NESTED_FORMATS and spec.name in heldout
 
     def reject(loc, ex, reason, message=None):
         # a reject counts with the split of its task when the task is known (parsed), else with its source's
@@ -247,21 +253,33 @@ def _process_chunk(job) -> dict:
                 locs.append(loc)
             continue
         rec = decode_jsonl_line(payload[0], loc, payload[1]) if kind == "raw" else payload
-        try:
-            if isinstance(rec, RecordError):
-                raise rec
-            ex = parse_record(rec, spec.format, loc, spec.name, spec.path, plan.fields, plan.task_field)
-        except RecordError as err:
-            if plan.on_error == "raise":
-                res["error"] = f"{err} (pass --on-error skip to count and skip bad records)"
-                return res
-            res["bad"] += 1
-            reject(loc, None, err.reason, err.detail)
-            continue
-        examples.append(ex)
-        locs.append(loc)
+        if isinstance(rec, RecordError):
+            parsed, over_cap = [(None, rec, loc)], 0
+        else:
+            parsed, over_cap = parse_records(rec, spec.format, loc, spec.name, spec.path, plan.fields,
+                                             plan.task_field, plan.strict_keys, plan.max_instances_per_task)
+        res["read"] += len(parsed) - 1  # a nested record holds one example per instance
+        if over_cap:
+            notes["instances_over_cap"] += over_cap
+        for ex, err, iloc in parsed:
+            if err is not None:
+                if plan.on_error == "raise":
+                    res["error"] = f"{err} (pass --on-error skip to count and skip bad records)"
+                    return res
+                res["bad"] += 1
+                reject(iloc, None, err.reason, err.detail)
+                continue
+            for key in ex.unused_keys:
+                notes["unused_key:" + key] += 1
+            if ex.dropped_turns:
+                notes["trailing_turns_dropped"] += ex.dropped_turns
+            examples.append(ex)
+            locs.append(iloc)
+    dropped_by_template: Counter = Counter()
     flat_ids, flat_labels, lengths, status = render_flat(examples, tok, plan.seq_len, spec.template, plan.overflow,
-                                                         plan.train_on)
+                                                         plan.train_on, dropped_by_template)
+    for role, n in dropped_by_template.items():
+        notes["template_dropped:" + role] += n
     tasks, eids = [], []
     if not heldout and status.count(None) == len(status):  # the common case: every example written
         tasks, eids = [ex.task for ex in examples], [ex.id for ex in examples]
@@ -285,6 +303,14 @@ def _process_chunk(job) -> dict:
             continue
         tasks.append(ex.task)
         eids.append(ex.id)
+    if not status:
+        status = [None] * len(examples)
+    for ex, st in zip(examples, status):  # assistant turns of the written examples, trained or not
+        if st is None:
+            turns = [m for m in ex.messages if m.role == "assistant"]
+            trained = _trained_turns(turns, plan.train_on)
+            notes["assistant_turns_trained"] += trained
+            notes["assistant_turns_untrained"] += len(turns) - trained
     lengths = lengths.astype(np.int32)
     trained = flat_labels != IGNORE_INDEX
     tokens = pack_tokens(flat_ids, trained)
@@ -297,6 +323,13 @@ def _process_chunk(job) -> dict:
 
 #: Bit of a stored token that marks it trained (ids are < 2**31).
 TRAINED_BIT = np.uint32(1 << 31)
+
+
+def _trained_turns(turns: list, train_on: str) -> int:
+    """How many of an example's assistant turns are trained (weight not 0; ``last``: only the last one)."""
+    if train_on == "last":
+        return int(bool(turns) and turns[-1].trained)
+    return sum(1 for m in turns if m.trained)
 
 
 def pack_tokens(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
@@ -368,8 +401,8 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
     d.mkdir(parents=True)
     t0 = time.time()
     jobs = (j for j in iter_chunks(plan) if j[0] % plan.num_slices == index)
-    per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter(), "rejected_test": Counter()}
-                  for _ in plan.sources]
+    per_source = [{"read": 0, "written": 0, "bad": 0, "rejected": Counter(), "rejected_test": Counter(),
+                   "notes": Counter()} for _ in plan.sources]
     chunks, offset = [], 0
     with open(d / "tokens.bin", "wb") as f_tok, \
             open(d / "rejects.jsonl", "w", encoding="utf-8") as f_rej, \
@@ -383,6 +416,7 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             s["bad"] += res["bad"]
             s["rejected"].update(res["rejected"])
             s["rejected_test"].update(res["rejected_test"])
+            s["notes"].update(res["notes"])
             n = len(res["lengths"])
             s["written"] += n
             f_tok.write(res["tokens"].tobytes())
@@ -399,8 +433,8 @@ def prepare_slice(plan: PipelinePlan, out_dir: Path, index: int, num_proc: int =
             chunks.append(res["chunk"])
     summary = {"plan": asdict(plan), "plan_fingerprint": plan.fingerprint(), "index": index,
                "num_slices": plan.num_slices, "chunks": chunks, "tokens": offset,
-               "sources": [dict(s, rejected=dict(s["rejected"]), rejected_test=dict(s["rejected_test"]))
-                           for s in per_source],
+               "sources": [dict(s, rejected=dict(s["rejected"]), rejected_test=dict(s["rejected_test"]),
+                                notes=dict(s["notes"])) for s in per_source],
                "created_by": f"itune {__version__}", "seconds": round(time.time() - t0, 3)}
     atomic_write_text(d / SLICE_DONE, json.dumps(summary) + "\n")
     return summary
@@ -760,10 +794,18 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
         bad += sum(s["sources"][si]["bad"] for s in summaries)
         rejected.update(s_train)  # by the split of the record's task (or of its source)
         rejected_test.update(s_test)
+        notes: Counter = Counter()
+        for s in summaries:
+            notes.update(s["sources"][si].get("notes", {}))
         sources.append({"path": spec.path, "sha256": plan.source_sha256[si], "name": spec.name,
                         "format": spec.format, "template": spec.template, "weight": spec.weight,
                         "counts": {"read": s_read, "written": sum(s["sources"][si]["written"] for s in summaries),
-                                   "rejected": {k: s_rej[k] for k in sorted(s_rej)}}})
+                                   "rejected": {k: s_rej[k] for k in sorted(s_rej)}},
+                        **source_notes(notes)})
+    if read and not any(src["counts"]["written"] for src in sources):
+        raise DataFormatError(
+            f"no example written: read {read} = written 0 + rejected {read}; reasons {dict(rejected + rejected_test)}"
+            f" (every one is listed in {out_dir / 'rejects.jsonl'}); check --format, --field and --template")
     rejects = _merge_jsonl([d / "rejects.jsonl" for d in dirs])
     atomic_write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     if plan.max_bad_fraction is not None and bad > plan.max_bad_fraction * read:
@@ -773,12 +815,14 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
     heldout = list(plan.heldout_tasks)
     names = meta["task_names"]
     is_test = np.isin(meta["task_code"], [c for c, t in enumerate(names) if t in set(heldout)])
-    if heldout and plan.task_field:
+    tasks_from_records = plan.task_field is not None or any(s.format in NESTED_FORMATS for s in plan.sources)
+    if heldout and tasks_from_records:
         present = set(names)
         missing = [t for t in heldout if t not in present]
         if missing:
-            raise ConfigError(f"held-out tasks {missing} have no example (tasks found via --task-field "
-                              f"{plan.task_field!r}: {sorted(present)[:20]})")
+            raise ConfigError(f"held-out tasks {missing} have no example (tasks found via "
+                              f"{f'--task-field {plan.task_field!r}' if plan.task_field else 'name / id'}: "
+                              f"{sorted(present)[:20]})")
     rng = np.random.default_rng(plan.seed)
     train_idx = np.flatnonzero(~is_test)
     sel, mixture = _select(plan, train_idx, meta, rng)
@@ -794,7 +838,7 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
                                 plan.max_rows_per_shard, pool, num_proc, plan.tokenizer_info.get("vocab_size"))
         written = int((~is_test).sum()) if split == "train" else int(is_test.sum())
         rej = rejected if split == "train" else rejected_test
-        if plan.task_field:
+        if tasks_from_records:
             first = np.unique(meta["task_code"][idx], return_index=True)
             tasks = [names[c] for _, c in sorted(zip(first[1].tolist(), first[0].tolist()))]
         else:  # a source is a task: every source of the split, even one left without examples
@@ -840,6 +884,26 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
     if not keep_slices:
         shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)
     return manifest
+
+
+def source_notes(notes: dict) -> dict:
+    """What a source's examples held that was not trained or not rendered, for the manifest's ``sources``
+    entries: ``unused_keys`` (key -> records holding it), ``dropped`` (``trailing_turns``: turns after the last
+    assistant turn; ``template_ROLE``: messages the chat template left out; ``instances_over_cap``) and
+    ``assistant_turns`` (``trained`` / ``untrained`` in the written examples). Empty parts are left out."""
+    out: dict = {}
+    unused = {k.split(":", 1)[1]: v for k, v in sorted(notes.items()) if k.startswith("unused_key:")}
+    if unused:
+        out["unused_keys"] = unused
+    dropped = {("template_" + k.split(":", 1)[1] if k.startswith("template_dropped:") else
+                k.replace("_dropped", "")): v for k, v in sorted(notes.items())
+               if k.startswith("template_dropped:") or k in ("trailing_turns_dropped", "instances_over_cap")}
+    if dropped:
+        out["dropped"] = dropped
+    if notes.get("assistant_turns_trained") is not None or notes.get("assistant_turns_untrained") is not None:
+        out["assistant_turns"] = {"trained": notes.get("assistant_turns_trained", 0),
+                                  "untrained": notes.get("assistant_turns_untrained", 0)}
+    return out
 
 
 def _merge_jsonl(paths: list[Path]) -> list[dict]:

@@ -21,7 +21,8 @@ from itune.errors import ConfigError
 from itune.lock import hold_dir_lock
 
 #: Template used for each input format when none is given.
-DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "completion", "messages": "chat", "sharegpt": "chat"}
+DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "completion", "messages": "chat", "sharegpt": "chat",
+                    "instances": "alpaca", "superni_jsonl": "completion"}
 
 
 @dataclass
@@ -201,6 +202,10 @@ class SourcesOptions:
             None = from ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``, else one slice.
         keep_slices: keep ``out_dir/slices`` (tokenized examples) after the merge.
         chunk_records: records per unit of work (per source).
+        strict_keys: a record holding a key that its format and ``fields`` do not read is a bad record
+            (``unused_key``); else such keys are counted per source (manifest ``sources[].unused_keys``).
+        max_instances_per_task: nested formats (``instances``, ``superni_jsonl``): read the first N instances of
+            each record (the rest are counted, manifest ``sources[].dropped.instances_over_cap``). None = all.
 
     ``inputs`` items are paths, or dicts ``{"path", "weight", "template", "format", "name"}`` (a mixture entry;
     missing keys take the run's values, weight 1).
@@ -230,6 +235,8 @@ class SourcesOptions:
     num_shards: int | None = None
     keep_slices: bool = False
     chunk_records: int = 1024
+    strict_keys: bool = False
+    max_instances_per_task: int | None = None
 
 
 def _check_sources_options(opts: SourcesOptions) -> None:
@@ -250,6 +257,8 @@ def _check_sources_options(opts: SourcesOptions) -> None:
         problems.append(f"max_bad_fraction {opts.max_bad_fraction}: must be in [0, 1]")
     if opts.max_bad_fraction is not None and opts.on_error != "skip":
         problems.append("max_bad_fraction applies with on_error='skip' only")
+    if opts.max_instances_per_task is not None and opts.max_instances_per_task < 1:
+        problems.append(f"max_instances_per_task {opts.max_instances_per_task}: must be >= 1")
     for item in opts.inputs:
         p = item["path"] if isinstance(item, dict) else item
         if not Path(p).is_file():
@@ -281,8 +290,6 @@ def _check_sources_options(opts: SourcesOptions) -> None:
     if opts.max_per_task is not None and opts.max_per_task < 1:
         problems.append(f"max_per_task {opts.max_per_task}: must be >= 1")
     problems += _common_problems(opts)
-    if opts.heldout_tasks and not opts.task_field:
-        problems.append("held-out tasks need --task-field (the record field that names each example's task)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -463,6 +470,9 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
     tok = TextTokenizer.load(opts.tokenizer)
     specs = _specs(opts, tok)
+    if opts.heldout_tasks and not opts.task_field and not all(s.format in pipeline.NESTED_FORMATS for s in specs):
+        raise ConfigError("held-out tasks need --task-field (the record field that names each example's task); "
+                          "records of the instances and superni_jsonl formats name their task by name or id")
     plan = pipeline.PipelinePlan(
         sources=specs, source_sha256=[shards.sha256_file(s.path) for s in specs], tokenizer=str(opts.tokenizer),
         tokenizer_info=_tokenizer_info(opts.tokenizer, tok), seq_len=opts.seq_len, fields=opts.fields,
@@ -471,7 +481,8 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         heldout_tasks=list(opts.heldout_tasks or []), max_eval_instances_per_task=opts.max_eval_instances_per_task,
         max_per_task=opts.max_per_task, seed=opts.seed, pack=opts.pack, max_rows_per_shard=opts.max_rows_per_shard,
         template_fingerprint=pipeline.template_fingerprint([s.template for s in specs], tok),
-        num_slices=num_shards, chunk_records=opts.chunk_records,
+        num_slices=num_shards, chunk_records=opts.chunk_records, strict_keys=opts.strict_keys,
+        max_instances_per_task=opts.max_instances_per_task,
         source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
                      "task_field": opts.task_field, "on_error": opts.on_error,
                      "max_bad_fraction": opts.max_bad_fraction})

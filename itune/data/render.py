@@ -18,31 +18,51 @@ Templates (:data:`TEMPLATES`):
 - ``completion``: messages concatenated; each assistant message as ``" " + content.strip()`` + EOS (SuperNI).
 - ``alpaca``: the Stanford Alpaca ``PROMPT_DICT`` prompt (with or without input) and a newline, then the trained
   ``output`` + EOS.
-- ``chat``: plain-text role headers, as in open-instruct (Tulu)::
+- ``chat``: plain-text role headers, as in open-instruct (Tulu), with tools, reasoning and tool calls::
 
       <|system|>
       You are terse.
+      <|tools|>
+      [{"type": "function", "function": {"name": "get_weather", ...}}]
       <|user|>
-      Hi
+      Weather in Paris?
       <|assistant|>
-      Hello!</s>
-      <|user|>
-      ...
+      <think>
+      The user wants the weather.
+      </think>
+      Let me look.
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call></s>
+      <|tool|>
+      {"temp_c": 18}
+      <|assistant|>
+      18 degrees.</s>
 
-  Headers are ordinary text (no added tokens); ``</s>`` is the EOS id, appended after each assistant turn.
-- ``tokenizer``: the tokenizer's own Jinja chat template (``tokenizer_config.json`` ``chat_template``), rendered
-  once per example; assistant spans are found from marker characters placed around each assistant message, so
-  the cost is linear in the number of turns. The end-of-turn special token the template writes right after an
-  assistant message (``</s>``, ``<|im_end|>``, ...) is trained; when it writes none, a trained EOS id is added.
+  Headers are ordinary text (no added tokens); ``</s>`` is the EOS id, appended after each assistant turn. The
+  ``<|tools|>`` turn (the record's ``tools`` as JSON) follows the system message; an assistant turn is its
+  reasoning in ``<think>`` tags, its text, then one ``<tool_call>`` block per call (``{"name", "arguments"}``
+  JSON), all trained.
+- ``tokenizer``: the tokenizer's own Jinja chat template (``tokenizer_config.json`` ``chat_template``), given the
+  messages with their ``tool_calls`` / ``tool_call_id`` / ``name`` / ``reasoning_content`` and the record's
+  ``tools``, rendered twice per example (plain, and with marker characters in every message) whatever the number
+  of turns. An assistant turn is trained from the end of the template's generation prompt through the first
+  end-of-turn special token after its text (``</s>``, ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
+  ``<|end|>`` / ``<|return|>`` / ``<|call|>``; measured once per template on probe conversations), so the reasoning
+  block and tool calls the template writes are trained and its headers are not; when it writes no end-of-turn
+  token, a trained EOS id is added. Messages the template leaves out (Mistral's drops the system message unless
+  the conversation ends with a user turn) are counted and reported.
 
-In every template all assistant turns are trained (``train_on="last"``: only the last one) together with their
-EOS / end-of-turn token; system and user turns and role headers never are.
+In every template all assistant turns are trained (``train_on="last"``: only the last one; a turn with
+``weight`` 0: never) together with their EOS / end-of-turn token; system, user and tool turns and role headers
+never are.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -71,11 +91,20 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:"
 )
 
-#: Role headers of the ``chat`` template.
-CHAT_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+#: Role headers of the ``chat`` template (``tools``: the record's tool schemas, after the system message).
+CHAT_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n", "tool": "<|tool|>\n",
+                "tools": "<|tools|>\n"}
+#: How the ``chat`` template writes an assistant turn's reasoning (before its content) and each tool call (after
+#: it, one per line, as ``{"name": ..., "arguments": {...}}`` JSON): Qwen / Hermes conventions.
+CHAT_THINK = ("<think>\n", "\n</think>\n")
+CHAT_TOOL_CALL = ("<tool_call>\n", "\n</tool_call>")
 
-# marker characters (Unicode private use) placed around assistant messages to find them in a rendered template
-_MARK_START, _MARK_END = "\ue000", "\ue001"
+# Marker characters placed in messages to find them in a rendered chat template: message i's text ends with
+# chr(_END0 + i) and an assistant text starts with chr(_START0 + i) (Supplementary Private Use Areas A and B,
+# which data does not hold: a message that does is refused).
+_END0, _START0 = 0xF0000, 0x100000
+MAX_TEMPLATE_MESSAGES = 0xFFFE
+_MARKER_RE = re.compile("[\U000F0000-\U0010FFFF]")
 
 
 class Segment(NamedTuple):
@@ -115,8 +144,18 @@ def _check(template: str, train_on: str) -> None:
         raise ConfigError(f"unknown train_on {train_on!r}; choose one of {TRAIN_ON}")
 
 
+def trained_turns(messages, train_on: str = "all") -> list[bool]:
+    """Per message, whether it is trained: assistant turns whose ``weight`` is not 0; with ``train_on="last"``,
+    only the last assistant turn (when its weight is not 0)."""
+    trained = [m.role == "assistant" and m.weight != 0 for m in messages]
+    if train_on == "last":
+        last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+        trained = [t and i == last for i, t in enumerate(trained)]
+    return trained
+
+
 def segments(example: Example, template: str = "completion", tok: TextTokenizer | None = None,
-             train_on: str = "all") -> list[Segment]:
+             train_on: str = "all", dropped: Counter | None = None) -> list[Segment]:
     """Splits an example into text segments, each trained or not (see the module docstring for the templates).
 
     ``completion``: every non-assistant message verbatim, each assistant message as ``" " + content.strip()``
@@ -124,37 +163,67 @@ def segments(example: Example, template: str = "completion", tok: TextTokenizer 
 
     Args:
         template: one of :data:`TEMPLATES`; ``tokenizer`` needs ``tok`` (its chat template).
-        train_on: ``all`` assistant turns or only the ``last`` one.
+        train_on: ``all`` assistant turns or only the ``last`` one; an assistant turn with ``weight`` 0 never.
+        dropped: ``tokenizer`` template: counts (by role) the messages the chat template left out of its text.
 
     Raises:
-        RecordError: the example does not fit the template (``alpaca``: more than one turn; ``tokenizer``: the
-            template raised, or a message holds a reserved marker character).
+        RecordError: the example does not fit the template (``alpaca``: more than one turn; ``completion`` and
+            ``alpaca``: tool calls, tool turns or reasoning (``template_mismatch``); ``tokenizer``: the template
+            raised, or a message holds a reserved marker character).
     """
     _check(template, train_on)
     messages = example.messages
-    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) if train_on == "last" else -1
-    trained = [m.role == "assistant" for m in messages]
-    if train_on == "last":
-        trained = [t and i == last for i, t in enumerate(trained)]
+    trained = trained_turns(messages, train_on)
     if template == "tokenizer":
         if tok is None:
             raise ConfigError("template 'tokenizer' needs the tokenizer (its chat template)")
-        return _template_segments(example, tok, trained)
+        return _template_segments(example, tok, trained, dropped)
+    if template == "chat":
+        return _chat_segments(example, trained)[0]
+    if example.tools or any(m.role == "tool" or m.tool_calls or m.reasoning for m in messages):
+        raise RecordError("template_mismatch", example.id,
+                          f"the {template} template has no place for tools, tool calls or reasoning; use --template "
+                          "chat or tokenizer for such conversations")
     if template == "alpaca":
         return _alpaca_segments(example)
     out = []
-    if template == "chat":
-        for i, m in enumerate(messages):
-            sep = "\n" if i else ""  # newline between turns (after the previous turn's EOS)
-            if m.role == "assistant":
-                out.append(Segment(sep + CHAT_HEADERS["assistant"], False))
-                out.append(Segment(m.content.strip(), trained[i], True))
-            else:
-                out.append(Segment(sep + CHAT_HEADERS[m.role] + m.content.strip(), False))
-        return out
     for m, t in zip(messages, trained):
         out.append(Segment(" " + m.content.strip(), t, True) if m.role == "assistant" else Segment(m.content, False))
     return out
+
+
+def _tool_call_json(call: dict) -> str:
+    fn = call["function"]
+    return json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
+
+
+def _chat_segments(example: Example, trained: list[bool]) -> tuple[list[Segment], list[str]]:
+    """The ``chat`` template's segments, and the texts the template itself wrote (headers, think and tool-call
+    tags), in order, for :func:`check_rendered_special_text`."""
+    out, written = [], []
+    tools_at = 1 if example.messages and example.messages[0].role == "system" else 0
+    for i, m in enumerate(example.messages):
+        sep = "\n" if out else ""  # newline between turns (after the previous turn's EOS)
+        if i == tools_at and example.tools:
+            text = json.dumps(example.tools, ensure_ascii=False)
+            out.append(Segment(sep + CHAT_HEADERS["tools"] + text, False))
+            written.append(CHAT_HEADERS["tools"])
+            sep = "\n"
+        if m.role != "assistant":
+            out.append(Segment(sep + CHAT_HEADERS[m.role] + m.content.strip(), False))
+            written.append(CHAT_HEADERS[m.role])
+            continue
+        out.append(Segment(sep + CHAT_HEADERS["assistant"], False))
+        written.append(CHAT_HEADERS["assistant"])
+        body = m.content.strip()
+        if m.reasoning:
+            body = CHAT_THINK[0] + m.reasoning.strip() + CHAT_THINK[1] + body
+            written += list(CHAT_THINK)
+        for call in m.tool_calls or ():
+            body += ("\n" if body else "") + CHAT_TOOL_CALL[0] + _tool_call_json(call) + CHAT_TOOL_CALL[1]
+            written += list(CHAT_TOOL_CALL)
+        out.append(Segment(body, trained[i], True))
+    return out, written
 
 
 def _alpaca_segments(example: Example) -> list[Segment]:
@@ -172,17 +241,42 @@ def _alpaca_segments(example: Example) -> list[Segment]:
     return [Segment(prompt + "\n", False), Segment(answer.content.strip(), True)]
 
 
+def _strftime_now(fmt: str) -> str:
+    """The chat templates' ``strftime_now`` (Llama 3.x writes today's date into its system header): the current
+    date as in ``transformers``, or ``SOURCE_DATE_EPOCH`` (seconds, UTC) when set, for byte-identical rebuilds."""
+    import datetime
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else datetime.datetime.now()
+    return now.strftime(fmt)
+
+
 def _jinja_template(source: str):
-    """Compiles a chat template the way ``transformers`` does (sandboxed, trim_blocks, lstrip_blocks)."""
+    """Compiles a chat template the way ``transformers`` does (sandboxed, trim_blocks, lstrip_blocks, the
+    ``loopcontrols`` extension, ``tojson``, ``raise_exception``, ``strftime_now`` and the ``{% generation %}``
+    block, which renders its body)."""
     cached = _TEMPLATE_CACHE.get(source)
     if cached is not None:
         return cached
     try:
-        from jinja2.ext import loopcontrols
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover - jinja2 is a dependency of the environment
         raise ConfigError("template 'tokenizer' needs the jinja2 package (pip install jinja2)") from e
     from jinja2.exceptions import TemplateError
+
+    class GenerationBlock(Extension):  # transformers marks assistant text with it; the text is found here anyway
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -190,9 +284,11 @@ def _jinja_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, GenerationBlock])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = _strftime_now
     try:
         t = env.from_string(source)
     except TemplateError as e:
@@ -205,8 +301,9 @@ _TEMPLATE_CACHE: dict = {}
 
 
 def apply_chat_template(messages: list[dict], tok: TextTokenizer, add_generation_prompt: bool = False,
-                        location: str = "") -> str:
-    """Renders ``messages`` (``[{"role", "content"}]``) with the tokenizer's chat template, as text.
+                        location: str = "", tools: list | None = None) -> str:
+    """Renders ``messages`` (``[{"role", "content", ...}]``, with ``tools``) with the tokenizer's chat template,
+    as text.
 
     Raises:
         ConfigError: the tokenizer has no chat template.
@@ -217,11 +314,17 @@ def apply_chat_template(messages: list[dict], tok: TextTokenizer, add_generation
                           "or chat_template.jinja); use --template chat")
     from jinja2.exceptions import TemplateError
 
+    kwargs = dict(tok.special_tokens or {})
+    if tools:
+        kwargs["tools"] = tools
     try:
         return _jinja_template(tok.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                         **(tok.special_tokens or {}))
+                                                         **kwargs)
     except TemplateError as e:
         raise RecordError("template_error", location, f"the tokenizer's chat template refused this example: {e}")
+    except Exception as e:  # a template reading a field this message lacks (e.g. tool_call.function.name)
+        raise RecordError("template_error", location, f"the tokenizer's chat template failed on this example "
+                                                      f"({type(e).__name__}: {e})") from None
 
 
 def _strip_bos_text(text: str, tok: TextTokenizer) -> str:
@@ -231,35 +334,234 @@ def _strip_bos_text(text: str, tok: TextTokenizer) -> str:
     return text
 
 
-def _template_segments(example: Example, tok: TextTokenizer, trained: list[bool]) -> list[Segment]:
-    msgs = []
-    for m in example.messages:
-        if _MARK_START in m.content or _MARK_END in m.content:
-            raise RecordError("reserved_character", example.id, "a message holds U+E000 or U+E001, reserved by the "
-                                                                "tokenizer template renderer")
-        msgs.append({"role": m.role, "content": m.content.strip() if m.role == "assistant" else m.content})
-    marked = [dict(d, content=_MARK_START + d["content"] + _MARK_END) if d["role"] == "assistant" else d
-              for d in msgs]
-    plain = apply_chat_template(msgs, tok, location=example.id)
-    text_marked = apply_chat_template(marked, tok, location=example.id)
-    # split at the markers: even pieces are template text, odd pieces assistant contents
-    pieces = re.split(f"[{_MARK_START}{_MARK_END}]", text_marked)
-    n_assistant = sum(1 for d in msgs if d["role"] == "assistant")
-    if "".join(pieces) != plain or len(pieces) != 2 * n_assistant + 1:
-        raise RecordError("template_error", example.id,
-                          "the chat template changes or drops assistant messages, so their spans cannot be located "
-                          "in its output; use --template chat")
+def message_dict(m, content: str | None = None) -> dict:
+    """A message as chat templates read it: ``role``, ``content`` and, when present, ``tool_calls``,
+    ``tool_call_id``, ``name`` and the reasoning as both ``reasoning_content`` (Qwen3) and ``thinking`` (GPT-OSS)."""
+    d = {"role": m.role, "content": m.content if content is None else content}
+    if m.tool_calls:
+        d["tool_calls"] = [dict(c, function=dict(c["function"])) for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        d["name"] = m.name
+    if m.reasoning is not None:
+        d["reasoning_content"] = d["thinking"] = m.reasoning
+    return d
+
+
+@dataclass(frozen=True)
+class TemplateProbe:
+    """What a chat template writes around an assistant turn, measured once per template on probe conversations.
+
+    Attributes:
+        header: the generation prompt (``add_generation_prompt`` text after a user turn): where a turn the model
+            writes starts ("" when the template has none, e.g. Mistral's).
+        user_tail: the text between a user message and the assistant content that follows it.
+        end_of_turn: special-token texts the template writes right after an assistant message (after its text,
+            after a tool call, in an earlier and in the last turn), e.g. ``<|im_end|>``, ``<|eot_id|>``,
+            ``<|end|>`` / ``<|return|>`` / ``<|call|>``.
+    """
+
+    header: str
+    user_tail: str
+    end_of_turn: tuple
+
+
+_PROBES: dict = {}
+
+
+def _leading_special(text: str, specials: tuple) -> str | None:
+    return max((s for s in specials if text.startswith(s)), key=len, default=None)
+
+
+def template_probe(tok: TextTokenizer) -> TemplateProbe:
+    """Measures :class:`TemplateProbe` for ``tok``'s chat template (cached).
+
+    Raises:
+        ConfigError: the template cannot render a plain user / assistant conversation.
+    """
+    key = (tok.chat_template, tuple(sorted((tok.special_tokens or {}).items())), tok.special_texts)
+    if key in _PROBES:
+        return _PROBES[key]
+    u, a, u2, a2 = "itune probe question", "itune probe answer", "itune probe again", "itune probe reply"
+    conv = [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    try:
+        one = apply_chat_template(conv[:1], tok)
+        gen = apply_chat_template(conv[:1], tok, add_generation_prompt=True)
+        two = apply_chat_template(conv, tok)
+        four = apply_chat_template(conv + [{"role": "user", "content": u2}, {"role": "assistant", "content": a2}],
+                                   tok)
+    except RecordError as e:
+        raise ConfigError(f"{tok.path}: the chat template cannot render a user / assistant conversation: "
+                          f"{e.detail}") from None
+    # the generation prompt: what the template writes after the user turn only when asked for one (Phi-3 writes
+    # an EOS there otherwise, so the texts are compared from where they part)
+    cut = len(os.path.commonprefix([one, gen]))
     specials = tok.special_texts
-    assistant_trained = [t for m, t in zip(example.messages, trained) if m.role == "assistant"]
-    out = []
-    pieces[0] = _strip_bos_text(pieces[0], tok)
-    for k in range(n_assistant):
-        before, content, after = pieces[2 * k], pieces[2 * k + 1], pieces[2 * k + 2]
-        out.append(Segment(before, False))
-        eot = next((s for s in specials if after.startswith(s)), "")
-        out.append(Segment(content + eot, assistant_trained[k], eos=not eot))
-        pieces[2 * k + 2] = after[len(eot):]
-    out.append(Segment(pieces[-1], False))
+    cut = min([p for t in specials for p in range(max(0, cut - len(t) + 1), cut)
+               if gen.startswith(t, p) and p + len(t) > cut] + [cut])  # not inside a special token's text
+    header = gen[cut:] if cut >= one.find(u) + len(u) > len(u) - 1 else ""
+    eot = set()
+    for text, word in ((two, a), (four, a), (four, a2)):
+        at = text.find(word) if word != a2 else text.rfind(word)
+        s = _leading_special(text[at + len(word):], specials) if at >= 0 else None  # (a template may alter text)
+        if s:
+            eot.add(s)
+    at_u, at_a = two.find(u), two.find(a)
+    user_tail = two[at_u + len(u):at_a] if 0 <= at_u < at_a else ""
+    call = {"type": "function", "function": {"name": "probe_fn", "arguments": {"q": "itune probe argument"}},
+            "id": "probe0001"}
+    try:
+        text = apply_chat_template(
+            [{"role": "user", "content": u}, {"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "content": "itune probe result", "tool_call_id": "probe0001", "name": "probe_fn"},
+             {"role": "assistant", "content": a2}], tok,
+            tools=[{"type": "function", "function": {"name": "probe_fn", "description": "d", "parameters": {
+                "type": "object", "properties": {"q": {"type": "string"}}}}}])
+        at = text.find("itune probe argument")
+        hit = _specials_after(text, at, specials) if at >= 0 else None
+        if hit:
+            eot.add(hit)
+    except (RecordError, ConfigError):
+        pass  # a template without tool calls: tool conversations are refused by the template itself
+    probe = TemplateProbe(header, user_tail, tuple(sorted(eot, key=len, reverse=True)))
+    _PROBES[key] = probe
+    return probe
+
+
+def _specials_after(text: str, at: int, specials: tuple) -> str | None:
+    """The first special-token text at or after position ``at``."""
+    best = None
+    for s in specials:
+        p = text.find(s, at)
+        if p >= 0 and (best is None or p < best[0] or (p == best[0] and len(s) > len(best[1]))):
+            best = (p, s)
+    return best[1] if best else None
+
+
+def _reserved(example: Example) -> None:
+    texts = [m.content for m in example.messages] + [m.reasoning or "" for m in example.messages]
+    texts += [json.dumps(m.tool_calls, ensure_ascii=False) for m in example.messages if m.tool_calls]
+    if example.tools:
+        texts.append(json.dumps(example.tools, ensure_ascii=False))
+    if len(example.messages) > MAX_TEMPLATE_MESSAGES:
+        raise RecordError("template_error", example.id, f"{len(example.messages)} messages: the tokenizer template "
+                                                        f"renderer takes at most {MAX_TEMPLATE_MESSAGES}")
+    for t in texts:
+        if _MARKER_RE.search(t):
+            raise RecordError("reserved_character", example.id, "a message holds a character of the Supplementary "
+                                                                "Private Use Areas (U+F0000 and above), reserved by "
+                                                                "the tokenizer template renderer")
+
+
+def _marked(m, i: int) -> str | None:
+    """Message ``i``'s content with its markers around the stripped text (inside any surrounding whitespace, so
+    a template's ``trim`` still removes it); None for an empty content (left as it is)."""
+    c = m.content.strip() if m.role == "assistant" else m.content
+    core = c.strip()
+    if not core:
+        return None
+    lead = c[:len(c) - len(c.lstrip())]
+    trail = c[len(c.rstrip()):]
+    start = chr(_START0 + i) if m.role == "assistant" else ""
+    return lead + start + core + chr(_END0 + i) + trail
+
+
+def _template_segments(example: Example, tok: TextTokenizer, trained: list[bool],
+                       dropped: Counter | None = None) -> list[Segment]:
+    """The tokenizer template's segments, from one plain and one marked rendering (linear in the turns).
+
+    Every message's text ends with its own marker character, and an assistant text also starts with one. In the
+    marked rendering (markers removed, it must equal the plain one) an assistant turn is trained from the end of
+    the template's generation prompt (:class:`TemplateProbe` ``header``) that precedes it, or from its start
+    marker when the template has none, through the first end-of-turn token after its text (tool calls the
+    template writes after the text included); when no end-of-turn token follows before the next message, a
+    trained EOS id is added. So a reasoning block the template writes (Qwen3's ``<think>``, GPT-OSS's analysis
+    channel) is trained with its turn, and the header itself never is. Messages whose marker is absent from the
+    rendering were left out by the template: counted in ``dropped`` by role.
+    """
+    _reserved(example)
+    msgs = example.messages
+    plain_dicts, marked_dicts = [], []
+    for i, m in enumerate(msgs):
+        content = m.content.strip() if m.role == "assistant" else m.content
+        plain_dicts.append(message_dict(m, content))
+        mk = _marked(m, i)
+        marked_dicts.append(message_dict(m, content if mk is None else mk))
+    plain = apply_chat_template(plain_dicts, tok, location=example.id, tools=example.tools)
+    marked = apply_chat_template(marked_dicts, tok, location=example.id, tools=example.tools)
+    # marker positions in the plain text's coordinates
+    start_at, end_at, removed = {}, {}, 0
+    for mo in _MARKER_RE.finditer(marked):
+        c = ord(mo.group())
+        pos = mo.start() - removed
+        removed += 1
+        if c >= _START0:
+            start_at.setdefault(c - _START0, pos)
+        elif c >= _END0:
+            i = c - _END0
+            if i in end_at and msgs[i].role == "assistant":
+                raise RecordError("template_error", example.id, f"the chat template writes assistant message {i} "
+                                                                "twice; use --template chat")
+            end_at.setdefault(i, pos)
+    text = _MARKER_RE.sub("", marked)
+    if text != plain:
+        raise RecordError("template_error", example.id,
+                          "the chat template renders these messages differently when their ends are marked (it "
+                          "inspects their characters), so the turns cannot be located; use --template chat")
+    probe = template_probe(tok)
+    n = len(msgs)
+    bound = [len(text)] * (n + 1)  # bound[i]: first marker position of messages i.. (the next message's start)
+    for i in range(n - 1, -1, -1):
+        bound[i] = min([bound[i + 1]] + [p for p in (start_at.get(i), end_at.get(i)) if p is not None])
+    out, cursor, last_end = [], 0, 0
+    for i, m in enumerate(msgs):
+        if m.role != "assistant":
+            if i in end_at:
+                cursor = max(cursor, end_at[i])
+            elif m.content.strip() and dropped is not None:
+                dropped[m.role] += 1
+            continue
+        if m.content.strip() and i not in end_at:
+            raise RecordError("template_error", example.id, f"the chat template leaves out assistant message {i}, "
+                                                            "so it cannot be trained; use --template chat")
+        limit = start_at.get(i, end_at.get(i, bound[i + 1]))
+        if probe.header:
+            g = text.find(probe.header, cursor, limit + len(probe.header) - 1 if limit < len(text) else len(text))
+            if g < 0 or g + len(probe.header) > limit:
+                raise RecordError("template_error", example.id, f"no generation prompt ({probe.header!r}) before "
+                                                                f"assistant message {i} in the chat template's text")
+            s = g + len(probe.header)
+        elif i in start_at:
+            s = start_at[i]
+        elif probe.user_tail and text.startswith(probe.user_tail, cursor):
+            s = cursor + len(probe.user_tail)
+        elif probe.user_tail.rstrip() and text.startswith(probe.user_tail.rstrip(), cursor):
+            s = cursor + len(probe.user_tail.rstrip())  # Mistral: "[/INST] " before a text, "[/INST]" before a call
+        else:
+            raise RecordError("template_error", example.id, f"cannot locate assistant message {i} (no text and a "
+                                                            "template without a generation prompt)")
+        e0 = max(end_at.get(i, s), s)
+        stop = bound[i + 1]
+        eot_at, eot = -1, ""
+        for t in probe.end_of_turn:
+            p = text.find(t, e0, stop + len(t) - 1 if stop < len(text) else len(text))
+            if p >= 0 and (eot_at < 0 or p < eot_at):
+                eot_at, eot = p, t
+        e = eot_at + len(eot) if eot_at >= 0 else e0
+        missing = [c["function"]["name"] for c in m.tool_calls or () if c["function"]["name"] not in text[s:e]]
+        if missing:
+            raise RecordError("template_error", example.id, f"the chat template does not write the tool call(s) "
+                                                            f"{missing} of assistant message {i}; use a template "
+                                                            "with tool calls (or --template chat)")
+        if m.reasoning and dropped is not None and m.reasoning.strip() not in text[s:e]:
+            dropped["reasoning"] += 1  # e.g. Qwen3 and GPT-OSS keep reasoning in the last turns only
+        out.append(Segment(text[last_end:s], False))
+        out.append(Segment(text[s:e], trained[i], eos=eot_at < 0))
+        cursor = last_end = e
+    out.append(Segment(text[last_end:], False))
+    if out:
+        out[0] = Segment(_strip_bos_text(out[0].text, tok), out[0].trainable, out[0].eos)
     return [s for s in out if s.text or s.ends_with_eos]
 
 
@@ -271,9 +573,9 @@ def prompt_segments(example: Example, template: str = "completion", tok: TextTok
     """
     if template == "tokenizer":
         last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
-        msgs = [{"role": m.role, "content": m.content.strip() if m.role == "assistant" else m.content}
+        msgs = [message_dict(m, m.content.strip() if m.role == "assistant" else m.content)
                 for m in example.messages[:last]]
-        text = apply_chat_template(msgs, tok, add_generation_prompt=True, location=example.id)
+        text = apply_chat_template(msgs, tok, add_generation_prompt=True, location=example.id, tools=example.tools)
         return [Segment(_strip_bos_text(text, tok), False)]
     segs = segments(example, template, tok)
     last = max((i for i, s in enumerate(segs) if s.trainable), default=len(segs))
@@ -542,30 +844,44 @@ def render(example: Example, tok: TextTokenizer, seq_len: int, template: str = "
     return Rendered(r[0].tolist(), r[1].tolist()), None
 
 
+def _message_texts(m) -> list[tuple[str, str]]:
+    """``(what, text)`` of a message: its content, reasoning and tool calls (as JSON)."""
+    out = [(f"a {m.role} message", m.content)]
+    if m.reasoning:
+        out.append((f"the reasoning of a {m.role} message", m.reasoning))
+    for c in m.tool_calls or ():
+        out.append(("a tool call", json.dumps(c, ensure_ascii=False)))
+    return out
+
+
 def check_no_special_text(example: Example, tok: TextTokenizer) -> None:
-    """Refuses an example whose messages contain a special token's text (``<s>``, ``</s>``, ``[INST]``, an added
-    ``<|user|>``...). Rendered text is encoded with special tokens parsed, so that template headers can be added
-    tokens; such a string in a record would become a control token (a second BOS, a trained EOS mid-answer).
+    """Refuses an example whose messages (or tool calls, reasoning, tool schemas) contain a special token's text
+    (``<s>``, ``</s>``, ``[INST]``, an added ``<|user|>``...). Rendered text is encoded with special tokens parsed,
+    so that template headers can be added tokens; such a string in a record would become a control token (a
+    second BOS, a trained EOS mid-answer).
 
     Raises:
         RecordError: reason ``special_token_text``, naming the role and the text.
     """
-    for m in example.messages:
-        hit = tok.find_special_text(m.content)
+    texts = [t for m in example.messages for t in _message_texts(m)]
+    if example.tools:
+        texts.append(("the tools", json.dumps(example.tools, ensure_ascii=False)))
+    for what, text in texts:
+        hit = tok.find_special_text(text)
         if hit is not None:
             raise RecordError("special_token_text", example.id,
-                              f"a {m.role} message contains {hit!r}, the text of a special token of the tokenizer, "
+                              f"{what} contains {hit!r}, the text of a special token of the tokenizer, "
                               "which would be encoded as that control token; remove or escape it")
 
 
 def check_rendered_special_text(example: Example, segs: list[Segment], template: str, tok: TextTokenizer,
-                                text: str | None = None) -> None:
+                                text: str | None = None, written: list[str] | None = None) -> None:
     """Refuses an example whose rendered text (``completion``, ``alpaca`` or ``chat`` template) holds a special
     token's text that the template did not write: one inside a message (:func:`check_no_special_text`), or one
     formed where two pieces of text meet (a system message ending in ``"<"`` before a user message starting with
     ``"/s>"`` renders ``"</s>"`` in the ``completion`` template, which concatenates messages). These templates write
-    special-token text only in ``chat`` role headers (when the tokenizer has them as added tokens), so the
-    rendered text must hold exactly the headers' matches. One regular-expression scan of the rendered text.
+    special-token text only in ``chat`` headers and tags (``written``, when the tokenizer has them as added tokens),
+    so the rendered text must hold exactly their matches. One regular-expression scan of the rendered text.
 
     ``text``: the segments' text joined, when the caller has it.
 
@@ -576,8 +892,7 @@ def check_rendered_special_text(example: Example, segs: list[Segment], template:
         text = "".join(s.text for s in segs)
     found = tok.special_text_matches(text) if template == "chat" else \
         ([] if (hit := tok.find_special_text(text)) is None else [hit])
-    expected = [] if template != "chat" else \
-        [x for m in example.messages for x in tok.special_text_matches(CHAT_HEADERS[m.role])]
+    expected = [x for w in (written or ()) for x in tok.special_text_matches(w)] if template == "chat" else []
     if found != expected:
         check_no_special_text(example, tok)  # names the message when the text lies within one
         extra = next(iter((Counter(found) - Counter(expected)).elements()), found[0] if found else "")
@@ -588,7 +903,7 @@ def check_rendered_special_text(example: Example, segs: list[Segment], template:
 
 
 def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
-                 overflow: str = "truncate_prompt_left", train_on: str = "all"):
+                 overflow: str = "truncate_prompt_left", train_on: str = "all", dropped: Counter | None = None):
     """:func:`render` for many examples with one batched tokenizer call.
 
     Returns:
@@ -596,15 +911,16 @@ def render_batch(examples: list[Example], tok: TextTokenizer, seq_len: int, temp
         ``(None, reason, None)`` for ``too_long`` / ``no_trainable_tokens``, or ``(None, reason, error)`` with the
         :class:`~itune.data.sources.RecordError` of an example the template cannot render (a bad record).
     """
-    ids, labels, lengths, status = render_flat(examples, tok, seq_len, template, overflow, train_on)
+    ids, labels, lengths, status = render_flat(examples, tok, seq_len, template, overflow, train_on, dropped)
     cuts = np.cumsum(lengths)[:-1]
     kept = iter(zip(np.split(ids, cuts), np.split(labels, cuts)) if len(lengths) else ())
     return [(next(kept), None, None) if st is None else (None, st[0], st[1]) for st in status]
 
 
 def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, template: str = "completion",
-                overflow: str = "truncate_prompt_left", train_on: str = "all"):
+                overflow: str = "truncate_prompt_left", train_on: str = "all", dropped: Counter | None = None):
     """:func:`render_batch` with the written examples' arrays concatenated (what data preparation stores).
+    ``dropped``: counts (by role) the messages a ``tokenizer`` chat template left out (:func:`segments`).
 
     Returns:
         ``(input_ids int32 [tokens], labels int32 [tokens], lengths int64 [written examples], status)``; ``status``
@@ -618,19 +934,24 @@ def render_flat(examples: list[Example], tok: TextTokenizer, seq_len: int, templ
     todo, layouts = [], []
     for i, ex in enumerate(examples):
         try:
+            written = None
             if template == "tokenizer":  # the chat template writes its own text between messages
                 check_no_special_text(ex, tok)
-            segs = segments(ex, template, tok, train_on)
+                segs = segments(ex, template, tok, train_on, dropped)
+            elif template == "chat":
+                segs, written = _chat_segments(ex, trained_turns(ex.messages, train_on))
+            else:
+                segs = segments(ex, template, tok, train_on)
             lay = _layout(segs)
             if template != "tokenizer":
-                check_rendered_special_text(ex, segs, template, tok, lay[0])
+                check_rendered_special_text(ex, segs, template, tok, lay[0], written)
             layouts.append(lay)
             todo.append(i)
         except RecordError as e:
             status[i] = (e.reason, e)
     # the tokenizer template's text holds its control tokens, which ids alone cannot place (offsets needed)
     from_ids = template != "tokenizer" and not (template == "chat" and any(
-        tok.find_special_text(h) for h in CHAT_HEADERS.values()))
+        tok.find_special_text(h) for h in (*CHAT_HEADERS.values(), *CHAT_THINK, *CHAT_TOOL_CALL)))
     ids, labels, lengths = _tokenize_layouts(layouts, tok, from_ids)
     head = 1 if tok.bos_id is not None else 0
     ends = np.cumsum(lengths)

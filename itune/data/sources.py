@@ -16,14 +16,38 @@ from typing import NamedTuple
 
 from itune.errors import DataFormatError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Message(NamedTuple):
-    """One turn (an immutable tuple). ``role`` is one of ``system``, ``user``, ``assistant``."""
+    """One turn (an immutable tuple).
+
+    Attributes:
+        role: ``system``, ``user``, ``assistant`` or ``tool`` (a tool's output).
+        content: the text ("" for an assistant turn that only calls tools).
+        tool_calls: assistant turns: the calls it makes, in the OpenAI / Hugging Face chat-template form
+            ``{"type": "function", "function": {"name": str, "arguments": dict}}`` (plus ``"id"`` when the data
+            has one); None when it calls none.
+        tool_call_id: tool turns: the id of the call answered, when the data has one.
+        name: the tool's name (tool turns) or the speaker's name, when the data has one.
+        weight: assistant turns: 0 = not trained (context only), 1 or None = trained (OpenAI's fine-tuning
+            ``weight``; axolotl's ``training`` / ``train`` flags map to it).
+        reasoning: assistant turns: the reasoning written before the answer (``reasoning_content`` / ``thinking``),
+            rendered by the template (Qwen3's ``<think>`` block, GPT-OSS's analysis channel) and trained with it.
+    """
 
     role: str
     content: str
+    tool_calls: tuple | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    weight: int | None = None
+    reasoning: str | None = None
+
+    @property
+    def trained(self) -> bool:
+        """Whether this turn is trained when its template trains assistant turns (weight not 0)."""
+        return self.role == "assistant" and self.weight != 0
 
 
 @dataclass
@@ -38,6 +62,11 @@ class Example:
         references: every accepted answer (SuperNI ``output`` list); the first one is the training target.
         source: the file the example came from.
         extra: format-specific parts a template may use (Alpaca: ``instruction`` and ``input``).
+        tools: the tools offered to the model (record-level ``tools``, each
+            ``{"type": "function", "function": {"name", "description", "parameters"}}``), or None.
+        unused_keys: keys of the record that the format and field mapping did not read (``messages[].KEY`` for a
+            key inside turns), reported per source.
+        dropped_turns: turns after the last assistant turn (nothing to train on), reported per source.
     """
 
     id: str
@@ -47,6 +76,9 @@ class Example:
     references: list[str] = field(default_factory=list)
     source: str = ""
     extra: dict = field(default_factory=dict)
+    tools: list | None = None
+    unused_keys: tuple = ()
+    dropped_turns: int = 0
 
 
 def read_split_file(path: str | Path) -> list[str]:
@@ -209,29 +241,48 @@ def superni_task_path(tasks_dir: Path, name: str) -> Path:
 # Instruction files: Alpaca, prompt/completion, chat messages, ShareGPT; JSON array, JSONL, Parquet, Arrow.
 # --------------------------------------------------------------------------------------------------------------
 
-FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
+FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "instances", "superni_jsonl")
 
-#: Keys that identify each format in the first record (after ``fields`` mapping), in detection order.
+#: Keys that identify each format in the first record (after ``fields`` mapping and :data:`FIELD_ALIASES`), in
+#: detection order. ``instances``: Self-Instruct tasks (``instruction`` + ``instances: [{input, output}]``);
+#: ``superni_jsonl``: one SuperNI task object per record (``Definition`` + ``Instances``).
 FORMAT_KEYS = {
     "sharegpt": ("conversations",),
     "messages": ("messages",),
+    "instances": ("instruction", "instances"),
+    "superni_jsonl": ("Definition", "Instances"),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
 }
 
+#: Other names a field goes by in public data sets, read when the canonical key is absent and no ``--field``
+#: maps it (Dolly: ``context`` is the input, ``response`` the output).
+FIELD_ALIASES = {"input": ("context",), "output": ("response",)}
+
 #: Field names a ``fields`` mapping may rename (canonical name -> key in the file). ``role``/``content`` and
 #: ``from``/``value`` are the keys inside each turn of ``messages`` / ``conversations``.
 CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages", "conversations", "system",
-                    "id", "role", "content", "from", "value")
+                    "id", "role", "content", "from", "value", "tools", "instances", "name")
 
-#: Speaker names found in chat and ShareGPT files, mapped to the three roles (lower-cased before lookup).
+#: Speaker names found in chat and ShareGPT files, mapped to the four roles (lower-cased before lookup). ShareGPT's
+#: ``function_call`` speaker (LLaMA-Factory, glaive) is an assistant turn calling a tool (:func:`parse_record`).
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
     "user": "user", "human": "user", "prompter": "user", "question": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
     "model": "assistant", "bot": "assistant", "ai": "assistant", "claude": "assistant", "llm": "assistant",
     "answer": "assistant",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool", "tool_response": "tool",
+    "function_response": "tool",
 }
+FUNCTION_CALL_SPEAKER = "function_call"
+
+#: Per-turn keys that set whether an assistant turn is trained: OpenAI's fine-tuning ``weight`` (0 or 1) and
+#: axolotl's ``message_field_training`` names (``training`` / ``train``, true or false).
+TURN_WEIGHT_KEYS = ("weight", "training", "train")
+#: Per-turn keys holding an assistant turn's reasoning (DeepSeek / Qwen3 ``reasoning_content``, GPT-OSS
+#: ``thinking``).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 #: Alpaca ``input`` values that mean "no input" (upstream Self-Instruct/Alpaca generations write ``<noinput>``).
 NO_INPUT = ("", "<noinput>", "<no input>")
@@ -247,7 +298,8 @@ class RecordError(DataFormatError):
     Parquet and Arrow).
 
     Reasons: ``invalid_json``, ``invalid_utf8``, ``wrong_type``, ``missing_field``, ``unknown_role``,
-    ``empty_assistant``, ``empty_instruction``, ``no_assistant_turn``.
+    ``empty_assistant``, ``empty_instruction``, ``no_assistant_turn``, ``bad_tool_call``, ``bad_tools``,
+    ``untrainable_turn``, ``unused_key`` (``--strict-keys``), ``missing_task``.
     """
 
     def __init__(self, reason: str, location: str, detail: str):
@@ -259,6 +311,12 @@ class RecordError(DataFormatError):
 
 def _format_help() -> str:
     return "; ".join(f"{f} ({' + '.join(k)})" for f, k in FORMAT_KEYS.items())
+
+
+def _has_field(record: dict, name: str, fields: dict[str, str]) -> bool:
+    if name in fields:
+        return fields[name] in record
+    return name in record or any(a in record for a in FIELD_ALIASES.get(name, ()))
 
 
 def parse_field_mapping(items: list[str] | dict | None) -> dict[str, str]:
@@ -296,7 +354,7 @@ def detect_format(record: dict, path: str | Path, fields: dict[str, str] | None 
     """
     fields = fields or {}
     for fmt, keys in FORMAT_KEYS.items():
-        if all(fields.get(k, k) in record for k in keys):
+        if all(_has_field(record, k, fields) for k in keys):
             return fmt
     mapped = f" (field mapping {fields})" if fields else ""
     raise DataFormatError(
@@ -499,37 +557,66 @@ def iter_records(path: str | Path):
 
 
 class _Rec:
-    """Field access on one record through the field mapping, raising :class:`RecordError`."""
+    """Field access on one record through the field mapping, raising :class:`RecordError`; remembers which keys
+    were read (``used`` on the record, ``turn_used`` inside turns or instances) so the others can be reported."""
 
-    __slots__ = ("rec", "loc", "fields")
+    __slots__ = ("rec", "loc", "fields", "used", "turn_used", "turn_keys")
 
     def __init__(self, rec, loc: str, fields: dict[str, str]):
         self.rec, self.loc, self.fields = rec, loc, fields
+        self.used: set = set()
+        self.turn_used: set = set()
+        self.turn_keys: set = set()
 
     def err(self, reason: str, detail: str) -> RecordError:
         return RecordError(reason, self.loc, detail)
 
-    def key(self, name: str) -> str:
-        return self.fields.get(name, name)
+    def key(self, name: str, obj: dict | None = None) -> str:
+        """The key of canonical field ``name`` in ``obj``: the ``--field`` mapping, else ``name``, else (when
+        ``name`` is absent from ``obj``) the first of its :data:`FIELD_ALIASES` present."""
+        k = self.fields.get(name)
+        if k is not None:
+            return k
+        if obj is not None and name not in obj:
+            for a in FIELD_ALIASES.get(name, ()):
+                if a in obj:
+                    return a
+        return name
 
-    def _label(self, name: str) -> str:
-        k = self.key(name)
+    def _label(self, name: str, obj: dict | None = None) -> str:
+        k = self.key(name, obj)
         return repr(k) if k == name else f"{k!r} (mapped to {name!r})"
 
+    def get(self, obj: dict, name: str):
+        """The raw value of field ``name`` in ``obj`` (None when absent), marking the key read."""
+        k = self.key(name, obj)
+        (self.used if obj is self.rec else self.turn_used).add(k)
+        return obj.get(k)
+
     def text(self, obj: dict, name: str, required: bool = True, default: str = "", where: str = "") -> str:
-        v = obj.get(self.fields.get(name, name) if self.fields else name)
+        v = self.get(obj, name)
         if v is None:  # absent, or JSON null
             if required:
-                raise self.err("missing_field", f"missing field {self._label(name)}{where}; "
+                raise self.err("missing_field", f"missing field {self._label(name, obj)}{where}; "
                                                 f"keys present: {sorted(obj)}")
             return default
+        return self.check_text(v, self._label(name, obj), where)
+
+    def check_text(self, v, label: str, where: str = "") -> str:
         if not isinstance(v, str):
-            raise self.err("wrong_type", f"field {self._label(name)}{where} must be a string, "
-                                         f"found {type(v).__name__} {_short(v)}")
+            raise self.err("wrong_type", f"field {label}{where} must be a string, found {type(v).__name__} "
+                                         f"{_short(v)}")
         if not utf8_encodable(v):
-            raise self.err("invalid_utf8", f"field {self._label(name)}{where} is not valid UTF-8 "
-                                           "(undecodable bytes or a lone surrogate escape)")
+            raise self.err("invalid_utf8", f"field {label}{where} is not valid UTF-8 (undecodable bytes or a lone "
+                                           "surrogate escape)")
         return v
+
+    def unused(self, list_key: str | None = None) -> tuple:
+        """Record keys not read, then ``LIST[].KEY`` for keys inside turns / instances not read."""
+        out = [k for k in self.rec if k not in self.used]
+        if list_key is not None:
+            out += [f"{list_key}[].{k}" for k in sorted(self.turn_keys - self.turn_used)]
+        return tuple(out)
 
 
 def _short(v, n: int = 60) -> str:
@@ -537,44 +624,177 @@ def _short(v, n: int = 60) -> str:
     return s if len(s) <= n else s[:n] + "..."
 
 
-def _content_text(r: _Rec, turn: dict, name: str, where: str) -> str:
-    """A turn's text; OpenAI-style content part lists ``[{"type": "text", "text": ...}]`` are joined."""
-    k = r.key(name)
+def _content_text(r: _Rec, turn: dict, name: str, where: str, role: str, required: bool = True) -> str:
+    """A turn's text; OpenAI-style content part lists ``[{"type": "text", "text": ...}]`` are joined. A tool turn's
+    object or list content (a tool's JSON result) is written as JSON."""
+    k = r.key(name, turn)
     v = turn.get(k)
     if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in v):
         turn = {k: "".join(p["text"] for p in v)}
-    return r.text(turn, name, where=where)
+    elif role == "tool" and isinstance(v, (dict, list)):
+        turn = {k: json.dumps(v, ensure_ascii=False)}
+    return r.text(turn, name, required=required, where=where)
+
+
+def _json_object(r: _Rec, v, what: str, reason: str):
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise r.err(reason, f"{what} is a string but not valid JSON ({e}); write it as a JSON object") from None
+    return v
+
+
+def _tool_call(r: _Rec, c, where: str) -> dict:
+    """One tool call as ``{"type": "function", "function": {"name", "arguments": dict}}`` (+ ``"id"``).
+
+    Accepted: OpenAI's ``{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}``, the flat
+    ``{"name", "arguments"}`` of Hugging Face templates and ShareGPT ``function_call`` turns (``parameters`` for
+    ``arguments`` as in Llama 3.1); arguments given as JSON text are parsed (templates write them with ``tojson``).
+    """
+    c = _json_object(r, c, f"tool call{where}", "bad_tool_call")
+    if not isinstance(c, dict):
+        raise r.err("bad_tool_call", f"tool call{where} must be an object with 'name' and 'arguments', found "
+                                     f"{type(c).__name__} {_short(c)}")
+    fn = c.get("function", c)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise r.err("bad_tool_call", f"tool call{where} has no function name (expected {{'function': {{'name': ..., "
+                                     f"'arguments': {{...}}}}}} or {{'name': ..., 'arguments': {{...}}}}); found "
+                                     f"{_short(c)}")
+    args = fn.get("arguments", fn.get("parameters", {}))
+    args = _json_object(r, args, f"the arguments of tool call{where}", "bad_tool_call")
+    if not isinstance(args, dict):
+        raise r.err("bad_tool_call", f"the arguments of tool call{where} must be a JSON object, found "
+                                     f"{type(args).__name__} {_short(args)}")
+    for text in (fn["name"], json.dumps(args, ensure_ascii=False)):
+        r.check_text(text, f"tool call{where}")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(c.get("id"), str) and c["id"]:
+        out["id"] = c["id"]
+    return out
+
+
+def _tool_calls(r: _Rec, turn: dict, where: str) -> tuple | None:
+    calls = []
+    v = turn.get("tool_calls")
+    if v is not None:
+        r.turn_used.add("tool_calls")
+        if not isinstance(v, list):
+            raise r.err("bad_tool_call", f"'tool_calls'{where} must be a list, found {type(v).__name__} {_short(v)}")
+        calls += [_tool_call(r, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(v)]
+    if turn.get("function_call") is not None:  # OpenAI's earlier single-call field
+        r.turn_used.add("function_call")
+        calls.append(_tool_call(r, turn["function_call"], f"{where}.function_call"))
+    return tuple(calls) or None
+
+
+def _tools(r: _Rec) -> list | None:
+    """Record-level ``tools`` (a list, or its JSON text as LLaMA-Factory writes it), each as
+    ``{"type": "function", "function": {...}}`` (a bare function schema is wrapped)."""
+    v = r.get(r.rec, "tools")
+    if v is None or v == "" or v == []:
+        return None
+    label = r._label("tools", r.rec)
+    v = _json_object(r, v, f"field {label}", "bad_tools")
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise r.err("bad_tools", f"field {label} must be a list of tool schemas (objects), found {_short(v)}")
+    out = []
+    for i, t in enumerate(v):
+        fn = t.get("function") if isinstance(t.get("function"), dict) else t
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise r.err("bad_tools", f"tool {i} of field {label} has no 'name': {_short(t)}")
+        r.check_text(json.dumps(t, ensure_ascii=False), f"{label}[{i}]")
+        out.append(t if fn is not t else {"type": "function", "function": t})
+    return out
+
+
+def _turn_weight(r: _Rec, turn: dict, role: str, where: str) -> int | None:
+    """0 / 1 from :data:`TURN_WEIGHT_KEYS`, None when none is given."""
+    w, wkey = None, None
+    for key in TURN_WEIGHT_KEYS:
+        v = turn.get(key)
+        if v is None:
+            continue
+        r.turn_used.add(key)
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+            v = int(v)
+        else:
+            raise r.err("wrong_type", f"{key!r}{where} must be 0 or 1 (or false / true), found {_short(v)}")
+        if w is not None and v != w:
+            raise r.err("wrong_type", f"{wkey!r} and {key!r}{where} disagree ({w} and {v}); give one")
+        w, wkey = v, key
+    if w == 1 and role != "assistant":
+        raise r.err("untrainable_turn", f"{wkey!r}{where} asks to train a {role} turn; only assistant turns are "
+                                        f"trained: remove the key or set it to 0")
+    return w if role == "assistant" else None
+
+
+def _reasoning(r: _Rec, turn: dict, where: str) -> str | None:
+    for key in REASONING_KEYS:
+        v = turn.get(key)
+        if v is not None:
+            r.turn_used.add(key)
+            v = r.check_text(v, repr(key), where)
+            return v if v.strip() else None
+    return None
 
 
 def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
-                  alt_keys: tuple[str, str] | None = None) -> list[Message]:
+                  alt_keys: tuple[str, str] | None = None) -> tuple[list[Message], int]:
+    """The turns as messages, and the number of turns dropped after the last assistant turn."""
+    list_key = r.key(list_name)
     if not isinstance(turns, list):
         raise r.err("wrong_type", f"field {r._label(list_name)} must be a list of turns, "
                                   f"found {type(turns).__name__} {_short(turns)}")
     messages = []
     for j, turn in enumerate(turns):
-        where = f" in {r.key(list_name)}[{j}]"
+        where = f" in {list_key}[{j}]"
         if not isinstance(turn, dict):
             raise r.err("wrong_type", f"turn{where} must be an object, found {type(turn).__name__} {_short(turn)}")
+        r.turn_keys.update(turn)
         rk, tk = role_key, text_key
         if alt_keys and r.key(role_key) not in turn and r.key(alt_keys[0]) in turn:
             rk, tk = alt_keys
         speaker = r.text(turn, rk, where=where)
-        role = ROLE_ALIASES.get(speaker.strip().lower())
-        if role is None:
-            raise r.err("unknown_role", f"unknown role {speaker!r}{where}; accepted: "
-                                        f"{', '.join(sorted(ROLE_ALIASES))}")
-        content = _content_text(r, turn, tk, where)
-        if role == "assistant" and not content.strip():
+        s = speaker.strip().lower()
+        calls = None
+        if s == FUNCTION_CALL_SPEAKER:  # ShareGPT: the value is the call (or a list of calls) as JSON text
+            role = "assistant"
+            v = _json_object(r, r.text(turn, tk, where=where), f"the {FUNCTION_CALL_SPEAKER} turn{where}",
+                             "bad_tool_call")
+            calls = tuple(_tool_call(r, c, f"{where}[{i}]") for i, c in enumerate(v)) if isinstance(v, list) \
+                else (_tool_call(r, v, where),)
+            content = ""
+        else:
+            role = ROLE_ALIASES.get(s)
+            if role is None:
+                raise r.err("unknown_role", f"unknown role {speaker!r}{where}; accepted: "
+                                            f"{', '.join(sorted(ROLE_ALIASES))}, {FUNCTION_CALL_SPEAKER}")
+            if role == "assistant":
+                calls = _tool_calls(r, turn, where)
+            content = _content_text(r, turn, tk, where, role, required=calls is None)
+        weight = _turn_weight(r, turn, role, where)
+        reasoning = _reasoning(r, turn, where) if role == "assistant" else None
+        if role == "assistant" and not content.strip() and not calls and not reasoning:
             raise r.err("empty_assistant", f"empty assistant turn{where}: nothing to train on")
-        messages.append(Message(role, content))
+        tool_call_id = name = None
+        if role == "tool":
+            tool_call_id = turn.get("tool_call_id")
+            name = turn.get("name")
+            for key, v in (("tool_call_id", tool_call_id), ("name", name)):
+                if v is not None:
+                    r.turn_used.add(key)
+                    r.check_text(v, repr(key), where)
+        messages.append(Message(role, content, calls, tool_call_id, name, weight, reasoning))
     roles = [m.role for m in messages]
+    dropped = 0
     while messages and messages[-1].role != "assistant":
-        messages.pop()  # trailing user/system turns have no response to train on
+        messages.pop()  # trailing turns have no response to train on: counted per source
+        dropped += 1
     if not messages:
-        raise r.err("no_assistant_turn", f"no assistant turn in {r.key(list_name)} (roles: {roles})")
-    return messages
+        raise r.err("no_assistant_turn", f"no assistant turn in {list_key} (roles: {roles})")
+    return messages, dropped
 
 
 def _system(r: _Rec) -> list[Message]:
@@ -587,19 +807,62 @@ def _file_name(source: str) -> str:
     return Path(source).name
 
 
+def _record_id(r: _Rec, source: str, loc: str) -> str:
+    rid = r.get(r.rec, "id")
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
+        eid = str(rid)
+        if not utf8_encodable(eid):
+            raise r.err("invalid_utf8", f"field {r._label('id')} is not valid UTF-8 text (a lone surrogate)")
+        return eid
+    return f"{_file_name(source)}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
+
+
+def _task_name(r: _Rec, task_field: str | None, default: str, nested: bool = False) -> str:
+    """``task_field``'s value; for nested formats without one, the record's ``name``, else its ``id``, else
+    ``default``."""
+    if task_field is None:
+        if not nested:
+            return default
+        for key in ("name", "id"):
+            v = r.get(r.rec, key)
+            if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip():
+                return r.check_text(str(v).strip(), repr(r.key(key)))
+        return default
+    r.used.add(task_field)
+    value = r.rec.get(task_field)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+        raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
+                                    f"(found {_short(value)}; keys present: {sorted(r.rec)}); if no record has "
+                                    "it, give --task-field the field that names each record's task")
+    return r.check_text(str(value).strip(), f"{task_field!r} (the task name)")
+
+
+def _strict(r: _Rec, fmt: str, unused: tuple) -> None:
+    if unused:
+        raise r.err("unused_key", f"keys the {fmt} format does not read: {', '.join(unused)} (--strict-keys); "
+                                  "map one with --field NAME=KEY, choose another --format, or drop --strict-keys")
+
+
 def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None,
-                 task_field: str | None = None) -> Example:
-    """Turns one record of format ``fmt`` into an :class:`Example`.
+                 task_field: str | None = None, strict_keys: bool = False) -> Example:
+    """Turns one record of a one-example format (``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt``)
+    into an :class:`Example` (:func:`parse_records` reads every format).
 
-    - ``alpaca``: ``instruction``, optional ``input`` (``""`` and ``"<noinput>"`` mean none), ``output``; the user
-      message is ``instruction`` + ``"\\n\\n"`` + ``input``; both parts are kept in ``Example.extra`` for the
-      ``alpaca`` template.
+    - ``alpaca``: ``instruction``, optional ``input`` (``""`` and ``"<noinput>"`` mean none; Dolly's ``context``
+      is read when there is no ``input``), ``output`` (or Dolly's ``response``); the user message is
+      ``instruction`` + ``"\\n\\n"`` + ``input``; both parts are kept in ``Example.extra`` for the ``alpaca``
+      template.
     - ``prompt_completion``: ``prompt`` (user), ``completion`` (assistant).
-    - ``messages``: ``[{"role", "content"}, ...]`` (OpenAI chat), roles system/user/assistant or an alias.
-    - ``sharegpt``: ``[{"from", "value"}, ...]``, speakers human/gpt/system or an alias (:data:`ROLE_ALIASES`).
+    - ``messages``: ``[{"role", "content"}, ...]`` (OpenAI chat), roles system/user/assistant/tool or an alias;
+      assistant ``tool_calls`` (content may then be null), ``tool`` turns with ``tool_call_id`` / ``name``,
+      per-turn ``weight`` 0/1 (:data:`TURN_WEIGHT_KEYS`) and reasoning (:data:`REASONING_KEYS`).
+    - ``sharegpt``: ``[{"from", "value"}, ...]``, speakers human/gpt/system/observation or an alias
+      (:data:`ROLE_ALIASES`); a ``function_call`` turn's value is the call as JSON.
 
-    ``system`` (a top-level string) is prepended as a system message. Trailing turns after the last assistant
-    turn are dropped. The example id is the record's ``id`` when present, else ``<file name>:<line or index>``.
+    ``system`` (a top-level string) is prepended as a system message; ``tools`` (a list or its JSON text) is kept in
+    ``Example.tools``. Turns after the last assistant turn are dropped and counted (``Example.dropped_turns``). The
+    example id is the record's ``id`` when present, else ``<file name>:<line or index>``. Keys not read are listed
+    in ``Example.unused_keys`` (with ``strict_keys``, a RecordError ``unused_key``).
 
     Raises:
         RecordError: with its reason (see :class:`RecordError`) and location.
@@ -609,6 +872,7 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
     if not isinstance(rec, dict):
         raise r.err("wrong_type", f"a record must be a JSON object, found {type(rec).__name__} {_short(rec)}")
     extra: dict = {}
+    tools, dropped, list_key = None, 0, None
     if fmt == "alpaca":
         instruction = r.text(rec, "instruction")
         inp = r.text(rec, "input", required=False)
@@ -616,7 +880,7 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
         if not instruction.strip():
             raise r.err("empty_instruction", f"empty {r._label('instruction')}")
         if not output.strip():
-            raise r.err("empty_assistant", f"empty {r._label('output')}: nothing to train on")
+            raise r.err("empty_assistant", f"empty {r._label('output', rec)}: nothing to train on")
         instruction, inp = instruction.strip(), inp.strip()
         if inp.lower() in NO_INPUT:
             inp = ""
@@ -629,44 +893,157 @@ def parse_record(rec, fmt: str, loc: str, name: str, source: str, fields: dict[s
         if not completion.strip():
             raise r.err("empty_assistant", f"empty {r._label('completion')}: nothing to train on")
         messages = _system(r) + [Message("user", prompt), Message("assistant", completion)]
-    elif fmt == "messages":
-        if r.key("messages") not in rec:
-            raise r.err("missing_field", f"missing field {r._label('messages')}; keys present: {sorted(rec)}")
-        messages = _conversation(r, rec[r.key("messages")], "messages", "role", "content")
+    elif fmt in ("messages", "sharegpt"):
+        list_name = "messages" if fmt == "messages" else "conversations"
+        list_key = r.key(list_name)
+        if list_key not in rec:
+            raise r.err("missing_field", f"missing field {r._label(list_name)}; keys present: {sorted(rec)}")
+        r.used.add(list_key)
+        messages, dropped = _conversation(r, rec[list_key], list_name, *(
+            ("role", "content") if fmt == "messages" else ("from", "value")),
+            alt_keys=None if fmt == "messages" else ("role", "content"))
         if messages[0].role != "system":
             messages = _system(r) + messages
-    elif fmt == "sharegpt":
-        if r.key("conversations") not in rec:
-            raise r.err("missing_field", f"missing field {r._label('conversations')}; keys present: {sorted(rec)}")
-        messages = _conversation(r, rec[r.key("conversations")], "conversations", "from", "value",
-                                 alt_keys=("role", "content"))
-        if messages[0].role != "system":
-            messages = _system(r) + messages
+        tools = _tools(r)
     else:
         raise DataFormatError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    rid = rec.get(r.key("id"))
-    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
-        eid = str(rid)
-        if not utf8_encodable(eid):
-            raise r.err("invalid_utf8", f"field {r._label('id')} is not valid UTF-8 text (a lone surrogate)")
-    else:
-        eid = f"{_file_name(source)}:{loc.rsplit(':', 1)[-1].strip().replace('record ', '#')}"
+    eid = _record_id(r, source, loc)
     last = messages[-1].content  # every format ends with the assistant turn (trailing turns are dropped)
-    if task_field is not None:  # the task name comes from a field of the record (held-out splits by task)
-        value = rec.get(task_field)
-        if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
-            raise r.err("missing_task", f"field {task_field!r} (the task name, --task-field) is missing or empty "
-                                        f"(found {_short(value)}; keys present: {sorted(rec)}); if no record has "
-                                        "it, give --task-field the field that names each record's task")
-        name = str(value).strip()
-        if not utf8_encodable(name):
-            raise r.err("invalid_utf8", f"field {task_field!r} (the task name) is not valid UTF-8 text")
-    return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra)
+    name = _task_name(r, task_field, name)
+    unused = r.unused(list_key)
+    if strict_keys:
+        _strict(r, fmt, unused)
+    return Example(id=eid, messages=messages, task=name, references=[last], source=source, extra=extra, tools=tools,
+                   unused_keys=unused, dropped_turns=dropped)
+
+
+def _instance_outputs(r: _Rec, inst: dict, where: str) -> list[str]:
+    outputs = r.get(inst, "output")
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    if outputs is None:
+        raise r.err("missing_field", f"missing field {r._label('output', inst)}{where}; keys present: "
+                                     f"{sorted(inst)}")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+        raise r.err("wrong_type", f"field {r._label('output', inst)}{where} must be a string or a non-empty list of "
+                                  f"strings, found {_short(outputs)}")
+    for o in outputs:
+        r.check_text(o, r._label("output", inst), where)
+    if not outputs[0].strip():
+        raise r.err("empty_assistant", f"empty {r._label('output', inst)}{where}: nothing to train on")
+    return outputs
+
+
+def parse_records(rec, fmt: str, loc: str, name: str, source: str, fields: dict[str, str] | None = None,
+                  task_field: str | None = None, strict_keys: bool = False, max_instances: int | None = None):
+    """Every example of one record: ``(examples, over_cap)``, where ``examples`` lists ``(Example | None,
+    RecordError | None, location)`` and ``over_cap`` counts instances beyond ``max_instances``.
+
+    One-example formats give one item (:func:`parse_record`). Nested formats give one per instance, located as
+    ``<record location> instances[J]``:
+
+    - ``instances`` (Self-Instruct tasks and seed tasks): ``instruction`` + ``instances: [{"input", "output"}]``;
+      each instance is an Alpaca example (``input`` may be empty or ``<noinput>``; ``output`` a string or a list
+      whose first item is trained and all are references).
+    - ``superni_jsonl``: one SuperNI task object per record (``Definition``, ``Positive Examples``, ``Instances``,
+      ``Categories``), each instance rendered with the Tk-Instruct prompt (definition + 2 positive examples).
+
+    The task of a nested record is ``task_field``'s value, else its ``name``, else its ``id``, else ``name`` (the
+    source's). A record-level problem (no instance list, no instruction) rejects the record as one item; an
+    instance's problem rejects that instance only.
+
+    Raises:
+        DataFormatError: an unknown format.
+    """
+    if fmt not in ("instances", "superni_jsonl"):
+        try:
+            return [(parse_record(rec, fmt, loc, name, source, fields, task_field, strict_keys), None, loc)], 0
+        except RecordError as e:
+            return [(None, e, loc)], 0
+    fields = fields or {}
+    r = _Rec(rec, loc, fields)
+    try:
+        if not isinstance(rec, dict):
+            raise r.err("wrong_type", f"a record must be a JSON object, found {type(rec).__name__} {_short(rec)}")
+        list_name = "instances" if fmt == "instances" else "Instances"
+        list_key = r.key(list_name)
+        instances = rec.get(list_key)
+        r.used.add(list_key)
+        if not isinstance(instances, list):
+            raise r.err("missing_field" if instances is None else "wrong_type",
+                        f"field {r._label(list_name)} must be a list of {{'input', 'output'}} objects, found "
+                        f"{_short(instances)}; keys present: {sorted(rec)}")
+        category = ""
+        if fmt == "instances":
+            instruction = r.text(rec, "instruction").strip()
+            if not instruction:
+                raise r.err("empty_instruction", f"empty {r._label('instruction')}")
+            system = _system(r)
+        else:
+            definition = rec.get("Definition")
+            r.used.update(("Definition", "Positive Examples", "Categories"))
+            if isinstance(definition, list):
+                definition = definition[0] if definition else ""
+            definition = r.check_text(definition, "'Definition'")
+            pos = rec.get("Positive Examples") or []
+            if not isinstance(pos, list) or not all(isinstance(e, dict) and isinstance(e.get("input"), str)
+                                                    and isinstance(e.get("output"), str) for e in pos[:2]):
+                raise r.err("wrong_type", "'Positive Examples' must be a list of objects with string 'input' and "
+                                          f"'output', found {_short(pos)}")
+            pos = pos[:2]
+            cats = rec.get("Categories") or []
+            category = cats[0] if isinstance(cats, list) and cats and isinstance(cats[0], str) else ""
+        task = _task_name(r, task_field, name, nested=True)
+        base_id = _record_id(r, source, loc)
+    except RecordError as e:
+        return [(None, e, loc)], 0
+    take = instances if max_instances is None else instances[:max_instances]
+    out = []
+    for j, inst in enumerate(take):
+        where = f" in {list_key}[{j}]"
+        iloc = f"{loc} {list_key}[{j}]"
+        try:
+            r.loc = iloc
+            if not isinstance(inst, dict):
+                raise r.err("wrong_type", f"instance{where} must be an object, found {type(inst).__name__} "
+                                          f"{_short(inst)}")
+            r.turn_keys.update(inst)
+            inp = r.text(inst, "input", required=False, where=where).strip()
+            outputs = _instance_outputs(r, inst, where)
+            iid = inst.get("id")
+            r.turn_used.add("id")
+            eid = str(iid) if isinstance(iid, (str, int)) and not isinstance(iid, bool) and str(iid) \
+                else f"{base_id}#{j}"
+            if fmt == "instances":
+                inp = "" if inp.lower() in NO_INPUT else inp
+                user = instruction + ("\n\n" + inp if inp else "")
+                ex = Example(id=eid, messages=system + [Message("user", user), Message("assistant", outputs[0])],
+                             task=task, references=outputs, source=source,
+                             extra={"instruction": instruction, "input": inp})
+            else:
+                ex = Example(id=eid, messages=[Message("user", tk_instruct_prompt(definition, pos, inp)),
+                                               Message("assistant", outputs[0])],
+                             task=task, category=category, references=outputs, source=source)
+            out.append((ex, None, iloc))
+        except RecordError as e:
+            out.append((None, e, iloc))
+    r.loc = loc
+    unused = r.unused(list_key)
+    if strict_keys and unused:
+        try:
+            _strict(r, fmt, unused)
+        except RecordError as e:
+            return [(None, e, loc)], 0
+    for ex, _, _ in out[:1]:
+        if ex is not None:
+            ex.unused_keys = unused  # reported once per record
+    return out, len(instances) - len(take)
 
 
 def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None, name: str | None = None,
-                task_field: str | None = None):
-    """Yields ``(Example | None, RecordError | None, location)`` for every record of one instruction file.
+                task_field: str | None = None, strict_keys: bool = False, max_instances: int | None = None):
+    """Yields ``(Example | None, RecordError | None, location)`` for every example of one instruction file (one per
+    record; one per instance for nested formats, see :func:`parse_records`).
 
     Args:
         path: JSON array, JSONL, Parquet or Arrow file (see :func:`iter_records`).
@@ -674,6 +1051,8 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
         fields: canonical field name -> key in the file (see :data:`CANONICAL_FIELDS`).
         name: task name of the examples (default: the file's stem).
         task_field: read each example's task name from this record field instead.
+        strict_keys: a record with a key the format does not read is a RecordError ``unused_key``.
+        max_instances: nested formats: the first N instances of each record.
 
     Raises:
         DataFormatError: the file is unreadable as a whole, or ``auto`` cannot tell its format (the message shows
@@ -694,10 +1073,7 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
             yield None, RecordError("wrong_type", loc, f"a record must be a JSON object, found "
                                                        f"{type(rec).__name__} {_short(rec)}"), loc
             continue
-        try:
-            yield parse_record(rec, fmt, loc, name, str(path), fields, task_field), None, loc
-        except RecordError as e:
-            yield None, e, loc
+        yield from parse_records(rec, fmt, loc, name, str(path), fields, task_field, strict_keys, max_instances)[0]
 
 
 def sniff_format(path: str | Path, fields: dict[str, str] | None = None) -> str:
