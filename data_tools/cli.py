@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     q.add_argument("--input", action="append", default=[], metavar="FILE",
                    help="instruction file (JSON array, JSONL, Parquet, Arrow); repeat for several; split 'train'")
     q.add_argument("--format", default="auto",
-                   choices=["auto", "alpaca", "prompt_completion", "messages", "sharegpt"],
+                   choices=["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "instances",
+                            "superni_jsonl"],
                    help="input format (auto: from the first record's keys)")
     q.add_argument("--template", default=None, choices=["completion", "alpaca", "chat", "tokenizer"],
                    help="rendering (default per format: alpaca->alpaca, prompt_completion->completion, "

@@ -131,7 +131,8 @@ def test_tools_have_no_place_in_the_completion_and_alpaca_templates(mistral_toke
      "bad_tool_call", "not valid JSON"),
     ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
      "bad_tool_call", "must be a JSON object"),
-    ({"role": "assistant", "content": None}, "missing_field", "missing field 'content' in messages[1]"),
+    ({"role": "assistant", "content": None}, "missing_field", "content is null in messages[1]: an assistant turn "
+                                                            "needs text or tool_calls"),
     ({"role": "assistant", "content": "x", "weight": 2}, "wrong_type", "'weight' in messages[1] must be 0 or 1"),
     ({"role": "assistant", "content": "x", "weight": 0, "training": True}, "wrong_type", "disagree"),
     ({"role": "user", "content": "x", "weight": 1}, "untrainable_turn", "asks to train a user turn"),
@@ -325,3 +326,72 @@ def test_eval_prompt_of_a_tool_conversation_ends_before_the_answer(mistral_token
     ex = _parse(OPENAI_TOOL_RECORD, "messages")
     prompt = mistral_tokenizer.decode(render_prompt(ex, mistral_tokenizer, "chat"), skip_special_tokens=False)
     assert prompt.endswith("<|tool|>\n{\"temp_c\": 18}\n<|assistant|>\n")
+
+
+def test_mistral_answer_trained_from_the_end_of_the_prompt(mistral_tokenizer):
+    # mistral v0.3 writes " " + answer after [/INST]: the space token the model writes first is trained too
+    ex = _parse({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "6"}]}, "messages")
+    r, _ = render(ex, mistral_tokenizer, 64, "tokenizer")
+    assert [(mistral_tokenizer.id_to_token(i), lab != IGNORE_INDEX) for i, lab in zip(r.input_ids, r.labels)] == [
+        ("<s>", False), ("[INST]", False), ("▁q", False), ("[/INST]", False), ("▁", True), ("6", True),
+        ("</s>", True)]
+
+
+@pytest.mark.parametrize("turns, says", [
+    ([{"role": "tool", "content": "orphan"}], "tool result in messages[1] answers no tool call"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "a1", "function": {"name": "f", "arguments": {}}}]},
+      {"role": "tool", "tool_call_id": "zz", "content": "r"}], "answers tool_call_id 'zz', which no open call has"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+      {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}], "more results than calls"),
+])
+def test_tool_results_must_answer_a_call(turns, says):
+    rec = {"messages": [{"role": "user", "content": "q"}, *turns, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(RecordError, match="f.jsonl:3: ") as e:
+        _parse(rec, "messages")
+    assert e.value.reason == "bad_tool_call" and says in str(e.value)
+
+
+def test_reasoning_only_turn_left_out_by_the_template_is_rejected(mistral_tokenizer):
+    ex = _parse({"messages": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "", "reasoning_content": "thinking only"}]}, "messages")
+    assert render(ex, mistral_tokenizer, 64, "tokenizer") == (None, "empty_assistant")
+
+
+def test_empty_instance_list_is_counted():
+    [(ex, err, loc)], _ = parse_records({"name": "t", "instruction": "I.", "instances": []}, "instances", "s:4", "s",
+                                        "s")
+    assert ex is None and err.reason == "no_instances" and loc == "s:4"
+
+
+def test_parquet_nulls_are_absent_keys(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "t.parquet"  # Arrow fills each struct with every key any record has: as None
+    pq.write_table(pa.Table.from_pylist([OPENAI_TOOL_RECORD, {"messages": [
+        {"role": "user", "content": "plain"}, {"role": "assistant", "content": "plain answer"}]}]), f)
+    exs = [ex for ex, _, _ in read_source(f, strict_keys=True)]
+    assert exs[0].tools == TOOLS and exs[0].messages == _parse(OPENAI_TOOL_RECORD, "messages").messages
+    assert exs[1].tools is None and exs[1].unused_keys == ()
+    # and in JSON, a key set to null is absent too (not an unused key)
+    rec = {"messages": [{"role": "user", "content": "q", "refusal": None},
+                        {"role": "assistant", "content": "a", "tool_calls": None, "weight": None}]}
+    assert _parse(rec, "messages", strict_keys=True).unused_keys == ()
+
+
+def test_failed_run_leaves_its_rejects_file(tmp_path):
+    f = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "a"}, {"instruction": "b", "output": ""}])
+    with pytest.raises(DataFormatError, match="no example written"):
+        _prep(tmp_path, [f], format="alpaca", on_error="skip")
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["reason"]) for r in rejects] == [(f"{f}:1", "missing_field"), (f"{f}:2", "empty_assistant")]
+
+
+def test_nested_formats_can_be_forced(tmp_path, capsys):
+    # the first record has no instances: auto-detection cannot tell, --format instances can
+    f = _jsonl(tmp_path / "si.jsonl", [{"id": "s0", "name": "n0", "instruction": "Do"},
+                                       {"id": "s1", "name": "n1", "instruction": "Do", "instances": [
+                                           {"input": "", "output": "o"}]}])
+    assert main(["prepare", "--input", str(f), "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o"),
+                 "--seq-len", "64", "--format", "instances", "--on-error", "skip"]) == 0
+    assert "read 2 = written 1 + rejected 1 {'missing_field': 1}" in capsys.readouterr().out

@@ -802,12 +802,12 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
                         "counts": {"read": s_read, "written": sum(s["sources"][si]["written"] for s in summaries),
                                    "rejected": {k: s_rej[k] for k in sorted(s_rej)}},
                         **source_notes(notes)})
+    rejects = _merge_jsonl([d / "rejects.jsonl" for d in dirs])
+    atomic_write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     if read and not any(src["counts"]["written"] for src in sources):
         raise DataFormatError(
             f"no example written: read {read} = written 0 + rejected {read}; reasons {dict(rejected + rejected_test)}"
             f" (every one is listed in {out_dir / 'rejects.jsonl'}); check --format, --field and --template")
-    rejects = _merge_jsonl([d / "rejects.jsonl" for d in dirs])
-    atomic_write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     if plan.max_bad_fraction is not None and bad > plan.max_bad_fraction * read:
         raise DataFormatError(
             f"{bad} of {read} records ({bad / read:.2%}) are bad, above --max-bad-fraction {plan.max_bad_fraction}; "

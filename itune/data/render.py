@@ -357,6 +357,8 @@ class TemplateProbe:
         header: the generation prompt (``add_generation_prompt`` text after a user turn): where a turn the model
             writes starts ("" when the template has none, e.g. Mistral's).
         user_tail: the text between a user message and the assistant content that follows it.
+        prompt_tail: the text after a user message in the generation prompt (``[/INST]`` for Mistral, the header
+            for most): what precedes the first token the model writes after a user turn.
         end_of_turn: special-token texts the template writes right after an assistant message (after its text,
             after a tool call, in an earlier and in the last turn), e.g. ``<|im_end|>``, ``<|eot_id|>``,
             ``<|end|>`` / ``<|return|>`` / ``<|call|>``.
@@ -365,6 +367,7 @@ class TemplateProbe:
     header: str
     user_tail: str
     end_of_turn: tuple
+    prompt_tail: str = ""
 
 
 _PROBES: dict = {}
@@ -409,6 +412,8 @@ def template_probe(tok: TextTokenizer) -> TemplateProbe:
             eot.add(s)
     at_u, at_a = two.find(u), two.find(a)
     user_tail = two[at_u + len(u):at_a] if 0 <= at_u < at_a else ""
+    at_g = gen.find(u)
+    prompt_tail = gen[at_g + len(u):] if at_g >= 0 else ""
     call = {"type": "function", "function": {"name": "probe_fn", "arguments": {"q": "itune probe argument"}},
             "id": "probe0001"}
     try:
@@ -424,7 +429,7 @@ def template_probe(tok: TextTokenizer) -> TemplateProbe:
             eot.add(hit)
     except (RecordError, ConfigError):
         pass  # a template without tool calls: tool conversations are refused by the template itself
-    probe = TemplateProbe(header, user_tail, tuple(sorted(eot, key=len, reverse=True)))
+    probe = TemplateProbe(header, user_tail, tuple(sorted(eot, key=len, reverse=True)), prompt_tail)
     _PROBES[key] = probe
     return probe
 
@@ -526,7 +531,14 @@ def _template_segments(example: Example, tok: TextTokenizer, trained: list[bool]
             raise RecordError("template_error", example.id, f"the chat template leaves out assistant message {i}, "
                                                             "so it cannot be trained; use --template chat")
         limit = start_at.get(i, end_at.get(i, bound[i + 1]))
-        if probe.header:
+        after_user = i > 0 and msgs[i - 1].role == "user" and (i - 1) in end_at
+        p = cursor + len(probe.prompt_tail)
+        if after_user and probe.prompt_tail and text.startswith(probe.prompt_tail, cursor) and p <= limit \
+                and (probe.header or (i in start_at and not text[p:start_at[i]].strip())):
+            # where generation starts after this user turn; without a generation prompt only whitespace may come
+            # before the text (Mistral writes " " + text: the space is the first token the model writes)
+            s = p
+        elif probe.header:
             g = text.find(probe.header, cursor, limit + len(probe.header) - 1 if limit < len(text) else len(text))
             if g < 0 or g + len(probe.header) > limit:
                 raise RecordError("template_error", example.id, f"no generation prompt ({probe.header!r}) before "
@@ -554,6 +566,9 @@ def _template_segments(example: Example, tok: TextTokenizer, trained: list[bool]
             raise RecordError("template_error", example.id, f"the chat template does not write the tool call(s) "
                                                             f"{missing} of assistant message {i}; use a template "
                                                             "with tool calls (or --template chat)")
+        if not m.content.strip() and not m.tool_calls and m.reasoning and m.reasoning.strip() not in text[s:e]:
+            raise RecordError("empty_assistant", example.id, f"assistant message {i} holds only reasoning, which "
+                                                             "the chat template leaves out: nothing to train on")
         if m.reasoning and dropped is not None and m.reasoning.strip() not in text[s:e]:
             dropped["reasoning"] += 1  # e.g. Qwen3 and GPT-OSS keep reasoning in the last turns only
         out.append(Segment(text[last_end:s], False))

@@ -299,7 +299,7 @@ class RecordError(DataFormatError):
 
     Reasons: ``invalid_json``, ``invalid_utf8``, ``wrong_type``, ``missing_field``, ``unknown_role``,
     ``empty_assistant``, ``empty_instruction``, ``no_assistant_turn``, ``bad_tool_call``, ``bad_tools``,
-    ``untrainable_turn``, ``unused_key`` (``--strict-keys``), ``missing_task``.
+    ``untrainable_turn``, ``unused_key`` (``--strict-keys``), ``missing_task``, ``no_instances``.
     """
 
     def __init__(self, reason: str, location: str, detail: str):
@@ -506,6 +506,17 @@ def _arrow_row(batch, j: int, loc: str):
                                                 "re-encode the file as UTF-8")
 
 
+def _drop_nulls(v):
+    """An Arrow / Parquet record without the null values its schema adds: a struct column holds every key any
+    record has, so a record's missing keys (a tool schema's unset ``description``, a turn's absent ``tool_calls``)
+    come back as None; they are dropped, recursively, as if absent."""
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
 def _iter_arrow_records(path: Path):
     import pyarrow as pa
 
@@ -530,7 +541,7 @@ def _iter_arrow_records(path: Path):
             except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the rows
                 recs = [_arrow_row(batch, j, f"{path}: record {i + j}") for j in range(batch.num_rows)]
             for rec in recs:
-                yield f"{path}: record {i}", rec
+                yield f"{path}: record {i}", _drop_nulls(rec)
                 i += 1
     except (OSError, pa.ArrowException) as e:
         raise DataFormatError(f"{path}: cannot read as {'Parquet' if suffix in PARQUET_SUFFIXES else 'Arrow IPC'} "
@@ -613,7 +624,7 @@ class _Rec:
 
     def unused(self, list_key: str | None = None) -> tuple:
         """Record keys not read, then ``LIST[].KEY`` for keys inside turns / instances not read."""
-        out = [k for k in self.rec if k not in self.used]
+        out = [k for k, v in self.rec.items() if k not in self.used and v is not None]  # null: as if absent
         if list_key is not None:
             out += [f"{list_key}[].{k}" for k in sorted(self.turn_keys - self.turn_used)]
         return tuple(out)
@@ -752,7 +763,7 @@ def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
         where = f" in {list_key}[{j}]"
         if not isinstance(turn, dict):
             raise r.err("wrong_type", f"turn{where} must be an object, found {type(turn).__name__} {_short(turn)}")
-        r.turn_keys.update(turn)
+        r.turn_keys.update(k for k, v in turn.items() if v is not None)
         rk, tk = role_key, text_key
         if alt_keys and r.key(role_key) not in turn and r.key(alt_keys[0]) in turn:
             rk, tk = alt_keys
@@ -773,6 +784,8 @@ def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
                                             f"{', '.join(sorted(ROLE_ALIASES))}, {FUNCTION_CALL_SPEAKER}")
             if role == "assistant":
                 calls = _tool_calls(r, turn, where)
+            if role == "assistant" and calls is None and r.key(tk, turn) in turn and turn[r.key(tk, turn)] is None:
+                raise r.err("missing_field", f"content is null{where}: an assistant turn needs text or tool_calls")
             content = _content_text(r, turn, tk, where, role, required=calls is None)
         weight = _turn_weight(r, turn, role, where)
         reasoning = _reasoning(r, turn, where) if role == "assistant" else None
@@ -787,6 +800,7 @@ def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
                     r.turn_used.add(key)
                     r.check_text(v, repr(key), where)
         messages.append(Message(role, content, calls, tool_call_id, name, weight, reasoning))
+    _check_tool_pairs(r, messages, list_key)
     roles = [m.role for m in messages]
     dropped = 0
     while messages and messages[-1].role != "assistant":
@@ -795,6 +809,34 @@ def _conversation(r: _Rec, turns, list_name: str, role_key: str, text_key: str,
     if not messages:
         raise r.err("no_assistant_turn", f"no assistant turn in {list_key} (roles: {roles})")
     return messages, dropped
+
+
+def _check_tool_pairs(r: _Rec, messages: list[Message], list_key: str) -> None:
+    """A tool turn answers a call made before it: an assistant turn with tool calls precedes it (after the last
+    user turn), and its ``tool_call_id``, when given, names one of the calls made so far and not yet answered.
+
+    Raises:
+        RecordError: ``bad_tool_call``, naming the turn.
+    """
+    open_ids: list = []
+    calls_pending = 0
+    for j, m in enumerate(messages):
+        if m.role == "user":
+            calls_pending, open_ids = 0, []
+        elif m.role == "assistant" and m.tool_calls:
+            calls_pending += len(m.tool_calls)
+            open_ids += [c["id"] for c in m.tool_calls if "id" in c]
+        elif m.role == "tool":
+            where = f" in {list_key}[{j}]"
+            if calls_pending == 0:
+                raise r.err("bad_tool_call", f"tool result{where} answers no tool call (no assistant turn with "
+                                             "tool_calls before it, or more results than calls)")
+            if m.tool_call_id is not None and open_ids:
+                if m.tool_call_id not in open_ids:
+                    raise r.err("bad_tool_call", f"tool result{where} answers tool_call_id {m.tool_call_id!r}, "
+                                                 f"which no open call has (open: {open_ids})")
+                open_ids.remove(m.tool_call_id)
+            calls_pending -= 1
 
 
 def _system(r: _Rec) -> list[Message]:
@@ -997,6 +1039,9 @@ def parse_records(rec, fmt: str, loc: str, name: str, source: str, fields: dict[
         base_id = _record_id(r, source, loc)
     except RecordError as e:
         return [(None, e, loc)], 0
+    if not instances:
+        return [(None, r.err("no_instances", f"field {r._label(list_name)} is an empty list: the task has no "
+                                             "example"), loc)], 0
     take = instances if max_instances is None else instances[:max_instances]
     out = []
     for j, inst in enumerate(take):
@@ -1007,7 +1052,7 @@ def parse_records(rec, fmt: str, loc: str, name: str, source: str, fields: dict[
             if not isinstance(inst, dict):
                 raise r.err("wrong_type", f"instance{where} must be an object, found {type(inst).__name__} "
                                           f"{_short(inst)}")
-            r.turn_keys.update(inst)
+            r.turn_keys.update(k for k, v in inst.items() if v is not None)
             inp = r.text(inst, "input", required=False, where=where).strip()
             outputs = _instance_outputs(r, inst, where)
             iid = inst.get("id")
