@@ -5,7 +5,9 @@ The identity (rank, world size, master address) must already be in ``os.environ`
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -39,13 +41,56 @@ def init_distributed(timeout_s: float | None = None) -> bool:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **kwargs)
+    _STARTED[0] = True
     return cuda
 
 
+_STARTED = [False]  # whether this process started a process group (its threads may outlive its destruction)
+
+
 def close_distributed() -> None:
-    """Barrier, then ``destroy_process_group``: every rank leaves together and no communication thread is left
-    running at interpreter exit (where it can abort the process: "terminate called without an active exception").
-    Does nothing when no process group is up."""
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+    """Barrier, then every process group destroyed, its communication threads joined, before the interpreter
+    shuts down. Does nothing when no process group is up.
+
+    DeepSpeed's ``destroy_process_group`` is used when DeepSpeed is loaded: it also drops DeepSpeed's own
+    references to the groups (``deepspeed.utils.groups``); a garbage collection then frees the last ones (a
+    released engine's parameters hold ``ds_process_group``). A gloo group that outlives this keeps two worker
+    threads running into interpreter shutdown; when one of them releases a tensor there it needs the GIL, Python
+    ends the thread with ``pthread_exit``, and the unwinding through C++ aborts the process: "terminate called
+    without an active exception" (the run's files are complete, but the rank exits with SIGABRT).
+    """
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    tdist.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         tdist.destroy_process_group()
+    gc.collect()
+
+
+def exit_process(code: int) -> None:
+    """Ends a process that ran a process group: ``sys.exit(code)`` when none was started, else standard streams
+    and logging flushed, then ``os._exit(code)``, skipping interpreter shutdown.
+
+    Why: the process groups outlive :func:`close_distributed` in a DeepSpeed run (ZeRO-3 registers autograd hooks
+    on its parameters, which hold the engine, its parameters and through them every group, in a cycle the
+    garbage collector cannot see through), so two gloo worker threads per group keep running. If one of them
+    releases a tensor while the interpreter is shutting down, it needs the GIL; Python 3.11 ends such a thread
+    with ``pthread_exit``, whose unwinding through a C++ ``noexcept`` frame calls ``std::terminate``: the rank
+    prints "terminate called without an active exception" and dies with SIGABRT after a complete run (1 launch
+    in 28 under load). Nothing is left for shutdown to do: the trainer and evaluation close their files and
+    locks themselves, and the groups were closed collectively first.
+    """
+    if not _STARTED[0]:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(code)

@@ -18,4 +18,6 @@ if __name__ == "__main__":
         from itune.comm import close_distributed
 
         close_distributed()
-    sys.exit(rc)
+    from itune.comm import exit_process
+
+    exit_process(rc)  # after ZeRO-3 generation: without interpreter shutdown (see exit_process)

@@ -50,4 +50,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from itune.comm import exit_process
+
+    exit_process(main())  # after a distributed run: without interpreter shutdown (see exit_process)
