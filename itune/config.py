@@ -134,6 +134,14 @@ class TrainConfig:
         orphan_timeout_s: seconds a rank may go on after its launcher is gone (the ``deepspeed`` command or
             ``torchrun`` killed by a signal it does not pass on, or by SIGKILL) before it exits; it normally
             checkpoints at the next step boundary and exits well before (0: no limit).
+        tiled_loss: compute the cross-entropy over tiles of ``loss_tile_tokens`` positions from the final hidden
+            states, never the full-sequence logits ([rows, seq_len, vocab] fp32: 2.1 GB per row at 16k tokens and a
+            32k vocabulary); the same loss and gradients (:func:`itune.loss.tiled_sum_cross_entropy`). Proven on the
+            loaded model at start; a model it does not fit falls back to the full logits, saying so.
+        loss_tile_tokens: positions per tile of the tiled loss (one tile's fp32 logits live at once).
+        sequence_parallel_size: ranks that share each row, each running ``seq_len / N`` of its positions
+            (Ulysses sequence parallelism, :mod:`itune.sequence_parallel`); must divide the world size, seq_len and
+            the attention heads. The data-parallel size is ``world_size / N``.
     """
 
     micro_batch_size: int = 1
@@ -151,6 +159,9 @@ class TrainConfig:
     generate_max_new_tokens: int = 32
     skip_nonfinite_steps: int = 0
     orphan_timeout_s: float = 300.0
+    tiled_loss: bool = True
+    loss_tile_tokens: int = 1024
+    sequence_parallel_size: int = 1
 
 
 @dataclass
@@ -308,7 +319,8 @@ _RANGES = (
     ("train.peak_flops_per_s", 0, False, None), ("train.collective_timeout_s", 1, False, 7 * 24 * 3600),
     ("train.generate_every", 0, False, None), ("train.generate_max_instances", 1, False, None),
     ("train.generate_max_new_tokens", 1, False, None), ("train.skip_nonfinite_steps", 0, False, None),
-    ("train.orphan_timeout_s", 0, False, None),
+    ("train.orphan_timeout_s", 0, False, None), ("train.loss_tile_tokens", 1, False, None),
+    ("train.sequence_parallel_size", 1, False, None),
     ("optim.lr", 0, True, None), ("optim.min_lr_ratio", 0, False, 1), ("optim.warmup_steps", 0, False, None),
     ("optim.weight_decay", 0, False, None), ("optim.eps", 0, True, None), ("optim.grad_clip", 0, False, None),
     ("model.pad_vocab_size_to_multiple_of", 1, False, None),
@@ -380,7 +392,9 @@ def config_from_dict(tree: dict) -> RunConfig:
 class BatchPlan:
     """Batch arithmetic of a run (the one place it is computed).
 
-    global rows per optimizer step = micro_batch_size x gradient_accumulation_steps x world_size;
+    global rows per optimizer step = micro_batch_size x gradient_accumulation_steps x world_size, where
+    ``world_size`` is the data-parallel size (ranks / ``sequence_parallel_size``: the ranks of an SP group share
+    rows);
     tokens per optimizer step = global rows x seq_len; steps per epoch = ceil(rows / global rows) (the last
     step of an epoch is partial: missing rows are all-padding rows that carry no loss, so no row is dropped).
     """
@@ -392,6 +406,7 @@ class BatchPlan:
     world_size: int
     epochs: int
     max_steps: int | None
+    sequence_parallel_size: int = 1
 
     @property
     def global_rows_per_step(self) -> int:
@@ -411,9 +426,14 @@ class BatchPlan:
         return full if self.max_steps is None else min(full, self.max_steps)
 
     def describe(self) -> str:
-        return (f"batch: {self.micro_batch_size} rows/micro-batch/rank x {self.gradient_accumulation_steps} "
-                f"accumulation x {self.world_size} ranks = {self.global_rows_per_step} rows "
-                f"= {self.tokens_per_step} tokens per optimizer step (seq_len {self.seq_len}); "
+        sp = self.sequence_parallel_size
+        who = f"{self.world_size} ranks" if sp == 1 else f"{self.world_size} sequence-parallel groups of {sp} ranks"
+        per = (f"{self.micro_batch_size * self.seq_len} tokens per rank per forward" if sp == 1 else
+               f"{self.micro_batch_size * self.seq_len} tokens per SP group and "
+               f"{self.micro_batch_size * self.seq_len // sp} per rank per forward")
+        return (f"batch: {self.micro_batch_size} rows/micro-batch/{'rank' if sp == 1 else 'SP group'} x "
+                f"{self.gradient_accumulation_steps} accumulation x {who} = {self.global_rows_per_step} rows "
+                f"= {self.tokens_per_step} tokens per optimizer step (seq_len {self.seq_len}; {per}); "
                 f"{self.rows} rows -> {self.steps_per_epoch} steps/epoch x {self.epochs} epochs "
                 f"-> {self.total_steps} optimizer steps")
 

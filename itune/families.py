@@ -305,7 +305,7 @@ def forward_packed(model, input_ids: torch.Tensor, position_ids: torch.Tensor, i
         input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
     kw = isolation.forward_kwargs(position_ids, model_dtype(model))
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kw, **extra)
-    if isolation.flatten:
+    if isolation.flatten and out.logits is not None and out.logits.shape[1] == b * s:
         out.logits = out.logits.reshape(b, s, -1)
     return out
 

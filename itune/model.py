@@ -59,7 +59,10 @@ def build_ds_config(path: str | Path, plan: BatchPlan, optim: OptimConfig, hidde
         raise ConfigError(f"{p}: sets keys that the trainer injects: {', '.join(bad)}; remove them from the JSON")
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
-    ds["train_batch_size"] = plan.global_rows_per_step
+    if plan.sequence_parallel_size == 1:
+        ds["train_batch_size"] = plan.global_rows_per_step
+    else:  # DeepSpeed's batch check counts all ranks before it knows the SP groups and data-parallel ranks after:
+        ds.pop("train_batch_size", None)  # it derives the value from the two below
     ds["gradient_clipping"] = optim.grad_clip
     ds["bf16"] = {"enabled": bf16}
     z = ds.get("zero_optimization", {})

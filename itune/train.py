@@ -17,18 +17,18 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from itune import __version__, checkpoint, dist
-from itune.comm import close_distributed, init_distributed
+from itune import __version__, checkpoint, dist, sequence_parallel
+from itune.comm import close_distributed, exit_process, init_distributed
 from itune.config import BatchPlan, RunConfig, to_dict
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
 from itune.errors import ConfigError, ManifestError
-from itune.families import Isolation, RouterAux, forward_packed, moe_leaf_classes, probe_isolation, refusal_message, \
+from itune.families import Isolation, RouterAux, moe_leaf_classes, probe_isolation, refusal_message, \
     router_aux
 from itune.loader import PackedRows, step_row_ids
 from itune.lock import DirLock, hold_dir_lock_rank0
 from itune.preemption import EXIT_PREEMPTED, PreemptionFlag, launcher_chain  # noqa: F401  (EXIT_PREEMPTED: API)
-from itune.loss import count_targets, sum_cross_entropy
+from itune.loss import check_tiled_loss, count_targets, packed_loss_sum
 from itune.model import (attention, build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda,
                          model_config, param_groups, resize_embeddings, use_bf16)
 
@@ -156,7 +156,7 @@ def check_data(cfg: RunConfig, manifest: dict) -> Path:
 
 
 def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int,
-                  isolation: Isolation = POSITION_IDS) -> tuple[float, int]:
+                  isolation: Isolation = POSITION_IDS, tile_tokens: int | None = None) -> tuple[float, int]:
     """Held-out loss (sum CE / trained tokens) over every row of ``rows``; every rank runs the same number of
     forward passes (padding rows fill the last ones) so ZeRO-3 gathers stay in step."""
     n = len(rows)
@@ -168,21 +168,20 @@ def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int,
         for p in range(passes):
             ids = [p * per_pass + rank * micro + j for j in range(micro)]
             b = rows.rows([i if i < n else -1 for i in ids])
-            logits = forward_packed(engine, b.input_ids, b.position_ids, isolation).logits
-            total += float(sum_cross_entropy(logits, b.labels, b.position_ids))
+            total += float(packed_loss_sum(engine, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens))
             count += count_targets(b.labels, b.position_ids)
     engine.train()
     total, count = all_reduce_sum(total), int(all_reduce_sum(count))
     return (total / count if count else float("nan")), count
 
 
-def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2, isolation: Isolation = POSITION_IDS) -> float:
+def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2, isolation: Isolation = POSITION_IDS,
+                     tile_tokens: int | None = None) -> float:
     """Loss of rows 0..n-1 (sum CE / trained tokens): compares the engine with its export."""
     b = rows.rows(list(range(min(n, len(rows)))))
     with torch.no_grad():
-        logits = forward_packed(model_fn, b.input_ids, b.position_ids, isolation).logits
-        return float(sum_cross_entropy(logits, b.labels, b.position_ids)) / max(1, count_targets(b.labels,
-                                                                                               b.position_ids))
+        total = packed_loss_sum(model_fn, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens)
+        return float(total) / max(1, count_targets(b.labels, b.position_ids))
 
 
 def training_record(s: "Setup", step: int) -> dict:
@@ -252,6 +251,8 @@ class Setup:
     isolation: Isolation = POSITION_IDS  # how packed rows are kept apart (chosen by the probe)
     probe: dict | None = None  # the isolation probe's result (start-up log, train_summary.json)
     aux: RouterAux | None = None  # the router load-balancing loss of a MoE model
+    loss_tile_tokens: int | None = None  # the tiled loss's positions per tile; None: from the full logits
+    sp: "sequence_parallel.SequenceParallel | None" = None  # this rank's place in sequence parallelism
     model_info: dict = field(default_factory=dict)  # family, attention, tied embeddings, MoE leaf modules
     skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
     lock: DirLock | None = None  # rank 0: output_dir/.itune.lock, held for the whole run (itune.lock)
@@ -317,7 +318,8 @@ def _resume_state(cfg: RunConfig, ckpt_dir: Path, plan: BatchPlan) -> dict | Non
                           "continue:\n  - " + "\n  - ".join(changed) + "\nResume with the values the checkpoint "
                           "was trained with, or use another output_dir to start a new run")
     old = state["config"]["train"]
-    old_rows = old["micro_batch_size"] * old["gradient_accumulation_steps"] * state["world_size"]
+    old_rows = (old["micro_batch_size"] * old["gradient_accumulation_steps"] * state["world_size"]
+                // old.get("sequence_parallel_size", 1))
     if old_rows != plan.global_rows_per_step:
         per_acc = plan.micro_batch_size * plan.world_size
         hint = (f"set train.gradient_accumulation_steps={old_rows // per_acc}" if old_rows % per_acc == 0
@@ -448,8 +450,11 @@ def setup(cfg: RunConfig) -> Setup:
         raise ConfigError(f"{cfg.data.path}: the training split has no rows")
     eval_rows = (PackedRows(shards.open_split(cfg.data.path, cfg.data.eval_split), seq_len, pad_id)
                  if cfg.data.eval_split in manifest["splits"] else None)
+    sp_size = cfg.train.sequence_parallel_size
+    if sp_size > 1 and (world % sp_size or seq_len % sp_size):
+        raise ConfigError("; ".join(sequence_parallel.problems(sp_size, world, seq_len, None, "sdpa")[:2]))
     plan = BatchPlan(len(train_rows), seq_len, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
-                     world, cfg.train.epochs, cfg.train.max_steps)
+                     world // sp_size, cfg.train.epochs, cfg.train.max_steps, sp_size)
     log.print(plan.describe())
     ckpt_dir = out / "checkpoints"
     resume_state = _resume_state(cfg, ckpt_dir, plan)
@@ -467,6 +472,13 @@ def setup(cfg: RunConfig) -> Setup:
     if resume_state is not None and resume_state["world_size"] != world:
         ds_config["checkpoint"] = {"load_universal": True}
     attn, attn_reason = attention(cfg, hf_config, cuda)
+    sp, mpu = None, None
+    if sp_size > 1:
+        problems = sequence_parallel.problems(sp_size, world, seq_len, hf_config, attn)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        mpu = sequence_parallel.register(hf_config, attn, sp_size, cfg.train.micro_batch_size, seq_len)
+        sp = sequence_parallel.SequenceParallel(sp_size, mpu.get_sequence_parallel_rank())
     keepalive = HfDeepSpeedConfig(ds_config)  # transformers builds under zero.Init while this object lives
     model = build_model(cfg, hf_config, bf16, attn)
     old_rows = resize_embeddings(model, rows, ds_config)  # before the optimizer: it holds the new parameters
@@ -483,7 +495,7 @@ def setup(cfg: RunConfig) -> Setup:
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, plan.total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
+                                                           lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     local = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
                 for p in engine.module.parameters())
@@ -497,6 +509,8 @@ def setup(cfg: RunConfig) -> Setup:
               + (f", router aux loss x {aux.coef}" if aux is not None else "")
               + (f", ZeRO-3 leaf modules {leaves}" if model_info["zero3_leaf_modules"] else ""))
     packed = manifest.get("packing", "best_fit_decreasing") != "none"
+    if sp is not None:  # whole-row probes: Ulysses attention steps aside in eval mode
+        engine.eval()
     probe = probe_isolation(engine.module, min(rows, manifest["tokenizer"]["vocab_size"]), packed=packed)
     log.print(f"packed-row isolation: {probe['method'] or 'none'} ("
               + "; ".join(f"{t['method']}: " + (t["error"] if "error" in t else
@@ -505,6 +519,25 @@ def setup(cfg: RunConfig) -> Setup:
               + f"; {probe['seconds']:.1f} s)" + ("" if packed else "; the data is not packed"))
     if probe["isolation"] is None:
         raise ConfigError(refusal_message(probe, cfg.data.path))
+    if sp is not None and probe["isolation"].methods != ("position_ids",):
+        raise ConfigError(f"train.sequence_parallel_size {sp_size}: this model keeps packed examples apart with "
+                          f"{probe['isolation'].name}, which the sequence-parallel attention does not carry; use "
+                          "train.sequence_parallel_size=1 (or unpacked data: itune-data prepare --no-pack)")
+    tile = None
+    if cfg.train.tiled_loss:
+        why = check_tiled_loss(engine, probe["isolation"], min(rows, manifest["tokenizer"]["vocab_size"]),
+                               cfg.train.loss_tile_tokens)
+        tile = cfg.train.loss_tile_tokens if why is None else None
+        log.print(f"loss: tiled, {tile} positions per tile (train.loss_tile_tokens)" if why is None else
+                  f"loss: from the full logits: the tiled loss does not fit this model ({why})")
+    else:
+        log.print("loss: from the full logits (train.tiled_loss=false)")
+    model_info["loss_tile_tokens"] = tile
+    model_info["sequence_parallel_size"] = sp_size
+    if sp is not None:
+        engine.train()
+        log.print(f"sequence parallelism: {sp_size} ranks per row (Ulysses all-to-all attention, per-example "
+                  f"causal masks from position_ids), {world // sp_size} data-parallel groups")
     vocab_resize = None
     if old_rows is not None:
         vocab_resize = {"tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"], "old_rows": old_rows,
@@ -518,6 +551,7 @@ def setup(cfg: RunConfig) -> Setup:
     return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
                  out, ckpt_dir, resume_state, log, keepalive, vocab_resize, isolation=probe["isolation"],
                  probe={k: v for k, v in probe.items() if k != "isolation"}, aux=aux, model_info=model_info,
+                 loss_tile_tokens=tile, sp=sp,
                  lock=lock)
 
 
@@ -554,7 +588,8 @@ class StepResult:
 
 
 def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
-               isolation: Isolation = POSITION_IDS, aux: RouterAux | None = None) -> StepResult:
+               isolation: Isolation = POSITION_IDS, aux: RouterAux | None = None,
+               tile_tokens: int | None = None, sp=None) -> StepResult:
     """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step per micro-batch).
 
     Each micro-batch backpropagates ``sum_CE x accumulation x world / N`` with N the global count of trained
@@ -581,24 +616,28 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
             gradients there).
         isolation: how packed rows are kept apart (:func:`itune.families.probe_isolation`).
         aux: the router auxiliary loss of a MoE model (:func:`itune.families.router_aux`), or None.
+        tile_tokens: the tiled loss's positions per tile (:func:`itune.loss.packed_loss_sum`); None: the loss
+            from the full logits.
+        sp: sequence parallelism (:class:`itune.sequence_parallel.SequenceParallel`): each rank computes its shard
+            of the rows; token counts and sums are of the shards, so every trained token counts once.
     """
     gas = len(batches)
     rank = tdist.get_rank()
     skipped_before = engine.skipped_steps
-    counts = torch.tensor([sum(count_targets(b.labels, b.position_ids) for b in batches),
-                           sum(b.real_tokens for b in batches)], dtype=torch.float64)
+    reals = [b.real_tokens if sp is None else int(sp.shard(b.real_mask).sum()) for b in batches]
+    counts = torch.tensor([sum(count_targets(b.labels, b.position_ids, sp) for b in batches), sum(reals)],
+                          dtype=torch.float64)
     tdist.all_reduce(counts)
     global_targets, global_real = float(counts[0]), float(counts[1])
     scale = gas * world / max(global_targets, 1.0)
     loss_sum, aux_sum, real = 0.0, 0.0, 0
     for i, b in enumerate(batches):
         with aux.capture(engine.module) if aux is not None else contextlib.nullcontext([]) as router_logits:
-            logits = forward_packed(engine, b.input_ids, b.position_ids, isolation).logits
-        s = sum_cross_entropy(logits, b.labels, b.position_ids)
+            s = packed_loss_sum(engine, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens, sp)
         objective = s * scale
-        if aux is not None and b.real_tokens > 0:
-            a = aux.loss(router_logits, b.real_mask)
-            weight = b.real_tokens / global_real
+        if aux is not None and reals[i] > 0:
+            a = aux.loss(router_logits, b.real_mask if sp is None else sp.shard(b.real_mask))
+            weight = reals[i] / global_real
             objective = objective + aux.coef * weight * gas * world * a
             aux_sum += float(a.detach()) * weight
         engine.backward(objective)
@@ -606,7 +645,7 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
             before_optimizer_step()
         engine.step()
         loss_sum += float(s.detach())
-        real += b.real_tokens
+        real += reals[i]
     t = torch.zeros(3 + 2 * world, dtype=torch.float64)  # [loss sum, real, aux, (loss non-finite, skipped) x rank]
     t[0], t[1], t[2] = loss_sum, real, aux_sum
     t[3 + 2 * rank] = not math.isfinite(loss_sum)
@@ -737,10 +776,11 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
     for step in range(start_step, plan.total_steps):
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        batches = [s.train_rows.rows(ids)
-                   for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, rank)]
+        dp_rank = rank // plan.sequence_parallel_size  # an SP group's ranks read the same rows
+        batches = [s.train_rows.rows(ids) for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, dp_rank)]
         lr = s.scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler steps inside engine.step)
-        r = train_step(engine, batches, s.world, isolation=s.isolation, aux=s.aux)
+        r = train_step(engine, batches, s.world, isolation=s.isolation, aux=s.aux, tile_tokens=s.loss_tile_tokens,
+                       sp=s.sp)
         done = step + 1
         skipped = check_nonfinite(r, done, s.world, s.skipped_at, cfg.train.skip_nonfinite_steps, s.ckpt_dir)
         dt = time.time() - t0
@@ -773,7 +813,8 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
                       + f" lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3f} real tokens/s "
                         f"{record['real_tokens_per_s']:.0f} ({dt:.2f} s)")
         if s.eval_rows is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size, s.isolation)
+            el, _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size, s.isolation,
+                                  s.loss_tile_tokens)
             log.scalars(done, {"loss": el}, kind="heldout")
             log.print(f"step {done} held-out loss {el:.4f}")
         if s.eval_rows is not None and cfg.train.generate_every and done % cfg.train.generate_every == 0:
@@ -788,7 +829,7 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
                       f"exiting with {EXIT_PREEMPTED}")
             log.close()
             close_distributed()
-            sys.exit(EXIT_PREEMPTED)
+            exit_process(EXIT_PREEMPTED)
     progress.close()
 
     summary = {"steps": plan.total_steps, "world_size": s.world, "batch": plan.describe(),
@@ -800,7 +841,7 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
         _save(s, plan.total_steps)
     if s.eval_rows is not None:
         summary["heldout_loss"], _ = evaluate_loss(engine, s.eval_rows, rank, s.world, cfg.train.micro_batch_size,
-                                                   s.isolation)
+                                                   s.isolation, s.loss_tile_tokens)
         log.scalars(plan.total_steps, {"loss": summary["heldout_loss"]}, kind="heldout")
         log.print(f"held-out loss {summary['heldout_loss']:.4f}")
     if cfg.checkpoint.export:
@@ -813,6 +854,7 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
     log.close()
     if s.lock is not None:
         s.lock.release()
+    engine.destroy()  # ZeRO-3's hooks and the optimizer's references go: the process groups can be freed
     return summary
 
 

@@ -36,11 +36,14 @@ def main():
             g = safe_get_full_grad(param)
             grads[name] = g.detach().clone().cpu()
 
-    batches = [s.train_rows.rows(ids) for ids in step_row_ids(s.plan, s.cfg.train.seed, 0, 0, s.rank)]
-    r = train_step(s.engine, batches, s.world, before_optimizer_step=grab, isolation=s.isolation, aux=s.aux)
+    dp_rank = s.rank // s.plan.sequence_parallel_size
+    batches = [s.train_rows.rows(ids) for ids in step_row_ids(s.plan, s.cfg.train.seed, 0, 0, dp_rank)]
+    r = train_step(s.engine, batches, s.world, before_optimizer_step=grab, isolation=s.isolation, aux=s.aux,
+                   tile_tokens=s.loss_tile_tokens, sp=s.sp)
     if s.rank == 0:
         torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "aux_loss": r.aux_loss, "grads": grads,
-                    "isolation": s.isolation.name}, a.out)
+                    "isolation": s.isolation.name, "loss_tile_tokens": s.loss_tile_tokens,
+                    "position_ids": torch.cat([b.position_ids for b in batches]), "world": s.world}, a.out)
 
 
 if __name__ == "__main__":
