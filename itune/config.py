@@ -28,6 +28,28 @@ DEFAULT_ARCHITECTURE = {
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (PEFT's ``LoraConfig``, Hu et al. 2021): the base model stays frozen (and partitioned under
+    ZeRO-3); only the adapters (and ``modules_to_save``) are trained and held by the optimizer.
+
+    Attributes:
+        r: rank of each adapter.
+        alpha: scaling numerator (the update is ``alpha / r x B A``).
+        dropout: dropout on the adapters' input.
+        target_modules: module names to adapt; empty: every linear layer of the decoder blocks (PEFT's
+            ``all-linear``, which leaves ``lm_head`` out).
+        modules_to_save: modules trained in full beside the adapters (e.g. ``[embed_tokens, lm_head]`` when new
+            tokens were added).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=list)
+    modules_to_save: list = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     """The model to train.
 
@@ -54,6 +76,13 @@ class ModelConfig:
         zero3_leaf_modules: register the family's MoE blocks as ZeRO-3 leaf modules
             (``deepspeed.utils.set_z3_leaf_modules``: a block's parameters are gathered at once, not per expert);
             no effect on dense models or below ZeRO stage 3.
+        tiled_mlp: compute each decoder MLP over sequence tiles (DeepSpeed's ``TiledMLP``: ``ceil(seq / hidden)``
+            tiles, recomputed in backward), so its ``[seq, intermediate]`` activations never exist whole; for
+            gated MLPs (``gate_proj``/``up_proj``/``down_proj``), refused on a model without one.
+        lora: train LoRA adapters instead of every weight (:class:`LoraSettings`; ``model.lora.r=16`` on the
+            command line turns it on); None: full fine-tuning.
+        activation_offload: keep the tensors saved for backward (with gradient checkpointing: each layer's input)
+            in pinned CPU memory (``torch.autograd.graph.save_on_cpu``); CUDA only, refused on CPU.
     """
 
     pretrained: str | None = None
@@ -65,6 +94,9 @@ class ModelConfig:
     resize_token_embeddings: bool = True
     pad_vocab_size_to_multiple_of: int = 1
     zero3_leaf_modules: bool = True
+    tiled_mlp: bool = False
+    activation_offload: bool = False
+    lora: LoraSettings | None = None
 
 
 @dataclass

@@ -106,6 +106,17 @@ def check_model_config(cfg: RunConfig) -> list[str]:
         attention(cfg, hf_config, torch.cuda.is_available())
     except ConfigError as err:
         e.append(str(err))
+    lora = cfg.model.lora
+    if lora is not None:
+        if isinstance(lora.r, int) and lora.r < 1:
+            e.append(f"model.lora.r: {lora.r}: must be >= 1")
+        if isinstance(lora.dropout, (int, float)) and not 0 <= lora.dropout < 1:
+            e.append(f"model.lora.dropout: {lora.dropout}: must be in [0, 1)")
+        if isinstance(lora.alpha, (int, float)) and not lora.alpha > 0:
+            e.append(f"model.lora.alpha: {lora.alpha}: must be > 0")
+    if cfg.model.activation_offload and not torch.cuda.is_available():
+        e.append("model.activation_offload: moves activations from GPU to CPU memory, and this machine has no CUDA "
+                 "device; set model.activation_offload=false")
     if cfg.model.pretrained:
         return e
     known = set(LlamaConfig().to_dict())
@@ -264,7 +275,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             continue
         shape = getattr(p, "ds_shape", p.shape)
         (no_decay if len(shape) < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops an empty group (LoRA: no trainable norm), the lr
+    # scheduler built on the optimizer would then hold one lr too many
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -307,3 +320,62 @@ def flops_per_token(hf_config, seq_len: int) -> float:
     per_layer = 2 * h * heads * head + 2 * h * kv * head + 3 * h * inter * (top_k or 1)
     n = L * per_layer + h * c.vocab_size  # + LM head
     return 6 * n + 12 * L * h * seq_len
+
+
+def apply_tiled_mlp(model) -> int:
+    """Makes every gated MLP of ``model`` (a module with ``gate_proj``, ``up_proj`` and ``down_proj``) run over
+    sequence tiles with DeepSpeed's ``TiledMLP`` (``ceil(seq / hidden)`` tiles, the maximum over ranks so that
+    ZeRO-3 gathers stay in step; the tiles are recomputed in the backward pass). Returns how many were changed.
+    The output is the same as the module's own ``forward`` (per-token computation)."""
+    import types
+
+    import torch.distributed as tdist
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    n = 0
+    for module in model.modules():
+        if not all(isinstance(getattr(module, k, None), torch.nn.Linear) for k in ("gate_proj", "up_proj",
+                                                                                   "down_proj")):
+            continue
+        plain = module.forward
+
+        def tiled(self, x, _plain=plain):
+            hidden = x.shape[-1]
+            shards = torch.tensor(max(1, -(-x.shape[-2] // hidden)), device=x.device)
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.all_reduce(shards, op=tdist.ReduceOp.MAX)
+            return TiledMLP.apply(lambda _self, t: _plain(t), self, x, int(shards), list(self.parameters()))
+
+        module.forward = types.MethodType(tiled, module)
+        n += 1
+    return n
+
+
+def peft_lora_config(lora, seed: int):
+    """PEFT's ``LoraConfig`` for :class:`itune.config.LoraSettings`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules) or "all-linear",
+                      modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM")
+
+
+def apply_lora(model, lora, seed: int):
+    """Wraps ``model`` with PEFT LoRA adapters (:func:`peft_lora_config`); the adapters are initialised from
+    ``seed`` (every rank alike, before ZeRO-3 partitions them at ``deepspeed.initialize``), the base frozen.
+
+    Raises:
+        ConfigError: a target module name the model does not have.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, peft_lora_config(lora, seed))
+    except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
+        raise ConfigError(f"model.lora: {str(e).splitlines()[0][:300]}") from None
+
+
+def is_lora(model) -> bool:
+    """Whether ``model`` is a PEFT model (LoRA adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")

@@ -6,6 +6,7 @@ Reads top to bottom as the loop. Every rank runs this; only rank 0 prints and wr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -29,8 +30,8 @@ from itune.loader import PackedRows, step_row_ids
 from itune.lock import DirLock, hold_dir_lock_rank0
 from itune.preemption import EXIT_PREEMPTED, PreemptionFlag, launcher_chain  # noqa: F401  (EXIT_PREEMPTED: API)
 from itune.loss import check_tiled_loss, count_targets, packed_loss_sum
-from itune.model import (attention, build_ds_config, build_model, embedding_rows, flops_per_token, lr_lambda,
-                         model_config, param_groups, resize_embeddings, use_bf16)
+from itune.model import (apply_lora, is_lora, apply_tiled_mlp, attention, build_ds_config, build_model, embedding_rows, flops_per_token,
+                         lr_lambda, model_config, param_groups, resize_embeddings, use_bf16)
 
 #: the isolation of a model whose forward builds a block-diagonal mask from restarting position_ids (most families)
 POSITION_IDS = Isolation(("position_ids",))
@@ -207,10 +208,13 @@ def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, ro
     engine_loss = fixed_batch_loss(engine, rows, isolation=isolation)
     sd = checkpoint.gathered_state_dict(engine)
     if rank == 0:
-        checkpoint.write_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        unset_hf_deepspeed_config()  # load the export as a plain (unpartitioned) model
+        unset_hf_deepspeed_config()  # plain (unpartitioned) models from here on: the LoRA copy, the reloaded export
+        if is_lora(engine.module):
+            checkpoint.write_lora_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
+        else:
+            checkpoint.write_export(engine.module, sd, hf_config, tokenizer_dir, export_dir)
         exported = checkpoint.load_export(export_dir, attn_implementation=engine.module.config._attn_implementation)
         export_loss = fixed_batch_loss(exported, rows, isolation=Isolation(isolation.methods,
                                                                            exported.config.get_text_config()))
@@ -260,7 +264,7 @@ class Setup:
 
 #: Settings a resumed run may change: how it runs, not what it trains (model.* and optim.* are all fixed but
 #: these, and so are train.seed and data.train_split; the batch and step count have their own checks).
-RESUME_FREE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation")
+RESUME_FREE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation", "tiled_mlp", "activation_offload")
 
 
 def resume_config_changes(old: dict, new: dict) -> list[str]:
@@ -485,6 +489,11 @@ def setup(cfg: RunConfig) -> Setup:
     hf_config.vocab_size = rows  # the export's config
     for k, v in token_ids.items():  # the data's ids, for the export's generation config
         setattr(hf_config, k, v)
+    if cfg.model.tiled_mlp and apply_tiled_mlp(model) == 0:
+        raise ConfigError(f"model.tiled_mlp: {type(model).__name__} has no gated MLP (gate_proj / up_proj / "
+                          "down_proj) to tile; set model.tiled_mlp=false")
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     leaves = moe_leaf_classes(model)
     if leaves and cfg.model.zero3_leaf_modules and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from deepspeed.utils import set_z3_leaf_modules
@@ -496,14 +505,18 @@ def setup(cfg: RunConfig) -> Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, plan.total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config, mpu=mpu)
+    engine.itune_activation_offload = cfg.model.activation_offload  # read by train_step (CUDA only: preflight)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     local = sum(p.numel() if getattr(p, "ds_tensor", None) is None else p.ds_tensor.numel()
                 for p in engine.module.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
     model_info = {"model_type": getattr(hf_config, "model_type", None), "class": type(engine.module).__name__,
                   "attn_implementation": attn, "attn_reason": attn_reason, "tied_embeddings": _tied(engine.module),
                   "parameters": n_params, "zero3_leaf_modules": leaves if cfg.model.zero3_leaf_modules else [],
-                  "router_aux_loss_coef": aux.coef if aux is not None else None}
-    log.print(f"model: {model_info['class']} ({model_info['model_type']}), {n_params:,} parameters ({local:,} held "
+                  "router_aux_loss_coef": aux.coef if aux is not None else None, "trainable_parameters": trainable,
+                  "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora is not None else None}
+    log.print(f"model: {model_info['class']} ({model_info['model_type']}), {n_params:,} parameters, {trainable:,} "
+              f"trainable{' (LoRA r=%d)' % cfg.model.lora.r if cfg.model.lora is not None else ''} ({local:,} held "
               f"by rank 0), bf16={bf16}, attention={attn} ({attn_reason}), tied embeddings="
               f"{model_info['tied_embeddings']}, gradient checkpointing={cfg.model.gradient_checkpointing}"
               + (f", router aux loss x {aux.coef}" if aux is not None else "")
@@ -623,6 +636,7 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
     """
     gas = len(batches)
     rank = tdist.get_rank()
+    offload = getattr(engine, "itune_activation_offload", False)
     skipped_before = engine.skipped_steps
     reals = [b.real_tokens if sp is None else int(sp.shard(b.real_mask).sum()) for b in batches]
     counts = torch.tensor([sum(count_targets(b.labels, b.position_ids, sp) for b in batches), sum(reals)],
@@ -632,7 +646,8 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
     scale = gas * world / max(global_targets, 1.0)
     loss_sum, aux_sum, real = 0.0, 0.0, 0
     for i, b in enumerate(batches):
-        with aux.capture(engine.module) if aux is not None else contextlib.nullcontext([]) as router_logits:
+        with aux.capture(engine.module) if aux is not None else contextlib.nullcontext([]) as router_logits, \
+                torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
             s = packed_loss_sum(engine, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens, sp)
         objective = s * scale
         if aux is not None and reals[i] > 0:

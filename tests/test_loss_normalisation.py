@@ -1,7 +1,7 @@
 """The loss and the gradients of an optimizer step do not depend on how its rows are split into ranks and
 micro-batches (sum of token CE / global count of trained tokens; transformers #24725, torchtune PR #1875), nor on
 whether the cross-entropy is tiled (4 tiles of 64 positions per 256-token row, ZeRO-3 on 2 ranks, tied embeddings
-too) or computed from the full logits."""
+too) or computed from the full logits, nor on whether the MLPs are tiled (model.tiled_mlp)."""
 
 import pytest
 import torch
@@ -21,15 +21,21 @@ def results(tmp_path_factory, superni_data):
     data = superni_data(256)
     out = {}
     runs = [(split, False, True) for split in SPLITS] + [(SPLITS[0], tied, tiled) for tied, tiled in LOSS_MODES]
+    runs.append((SPLITS[0], False, "mlp"))  # + model.tiled_mlp
     for (world, micro, acc), tied, tiled in runs:
         f = tmp / f"w{world}m{micro}a{acc}-{tied}-{tiled}.pt"
         run_cmd(deepspeed_cmd(world, "tests/scripts/grad_split.py", str(f), "--config", "configs/superni_tiny.yaml",
                               f"output_dir={tmp / 'run'}", f"data.path={data}", f"train.micro_batch_size={micro}",
                               f"train.gradient_accumulation_steps={acc}", "train.progress_bar=false",
-                              "train.loss_tile_tokens=64", f"train.tiled_loss={str(tiled).lower()}",
-                              f"model.architecture.tie_word_embeddings={str(tied).lower()}"))
+                              "train.loss_tile_tokens=64", f"train.tiled_loss={str(tiled is not False).lower()}",
+                              f"model.architecture.tie_word_embeddings={str(tied).lower()}",
+                              f"model.tiled_mlp={str(tiled == 'mlp').lower()}"))
         out[(world, micro, acc, tied, tiled)] = torch.load(f, weights_only=True)
     return out
+
+
+def test_tiled_mlp_equals_the_plain_mlp_under_zero3(results):
+    _same(results[(*SPLITS[0], False, True)], results[(*SPLITS[0], False, "mlp")])
 
 
 def _same(ref, got, rtol=1e-4):

@@ -74,3 +74,28 @@ def test_a_model_with_other_logits_falls_back(monkeypatch):
     model.lm_head = Doubled()
     why = check_tiled_loss(model, ISO, model.config.vocab_size, 1024)
     assert why is not None and why.startswith("tiled ") and "vs full logits" in why
+
+
+def test_tiled_mlp_equals_the_plain_mlp():
+    from itune.model import apply_tiled_mlp
+
+    model = _model("llama3")
+    ids = torch.randint(3, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(2))
+    batch = (ids, torch.arange(200)[None], ids.clone())
+    plain, g_plain = _loss_and_grads(model, batch, None)
+    assert apply_tiled_mlp(model) == model.config.num_hidden_layers  # ceil(200 / hidden 64) = 4 tiles per call
+    tiled, g_tiled = _loss_and_grads(model, batch, None)
+    assert abs(tiled - plain) <= 1e-6 * abs(plain)
+    for n, g in g_plain.items():
+        assert (g_tiled[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+    assert apply_tiled_mlp(_model("gpt_neox")) == 0  # no gated MLP: the trainer refuses model.tiled_mlp there
+
+
+def test_activation_offload_is_refused_without_cuda():
+    from itune.config import RunConfig
+    from itune.model import check_model_config
+
+    cfg = RunConfig()
+    cfg.model.activation_offload = True
+    assert any(x.startswith("model.activation_offload: moves activations from GPU to CPU memory, and this machine "
+                            "has no CUDA device") for x in check_model_config(cfg)) is (not torch.cuda.is_available())
