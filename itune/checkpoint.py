@@ -205,6 +205,43 @@ def _safetensors_damage(f: Path) -> str | None:
     return None
 
 
+def write_lora_export(peft_model, state_dict: dict, hf_config, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Writes the export of a LoRA run (rank 0): the merged model in ``out_dir`` (:func:`write_export`: base +
+    ``alpha / r x B A`` folded into each adapted weight by PEFT's ``merge_and_unload``, loads with
+    ``from_pretrained``) and the adapter in PEFT format in ``out_dir/adapter`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``, loads with ``PeftModel.from_pretrained`` on the base checkpoint).
+
+    The trained weights (``state_dict``, gathered from ZeRO-3) are loaded into a CPU copy of the run's PEFT model
+    built from ``hf_config`` and the run's ``LoraConfig``.
+
+    Raises:
+        RuntimeError: the gathered state does not fit the copy (a missing or unexpected tensor), or
+            :func:`write_export`'s checks.
+    """
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora_cfg = copy.deepcopy(peft_model.peft_config["default"])
+    base_path = getattr(peft_model.config, "_name_or_path", None)
+    lora_cfg.base_model_name_or_path = str(Path(base_path).resolve()) if base_path and Path(base_path).is_dir() \
+        else None
+    twin = get_peft_model(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32), lora_cfg)
+    missing, unexpected = twin.load_state_dict(state_dict, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(hf_config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"LoRA export: the gathered weights do not fit the model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+    out_dir = Path(out_dir)
+    adapter_tmp = out_dir.with_name(out_dir.name + ".adapter.tmp")
+    shutil.rmtree(adapter_tmp, ignore_errors=True)
+    twin.save_pretrained(str(adapter_tmp), safe_serialization=True)
+    merged = twin.merge_and_unload()
+    write_export(merged, merged.state_dict(), hf_config, tokenizer_dir, out_dir)
+    os.replace(adapter_tmp, out_dir / "adapter")
+
+
 def load_export(path: Path, dtype=torch.float32, attn_implementation: str | None = None):
     """Loads an export with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code).
 
@@ -214,5 +251,16 @@ def load_export(path: Path, dtype=torch.float32, attn_implementation: str | None
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():  # a PEFT adapter: on its base checkpoint, merged
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise FileNotFoundError(f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a "
+                                    "local model directory; set it to the base checkpoint")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False, **kw)
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                 trust_remote_code=False, **kw)

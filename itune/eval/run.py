@@ -166,7 +166,8 @@ def check_tokenizer(model_dir: str | Path, data_dir: str | Path) -> None:
 
 
 def model_from_export(path: str | Path, data_dir: str | Path | None = None):
-    """An exported checkpoint as a plain fp32 module on CPU (bf16 on CUDA); checked against ``data_dir``'s
+    """An exported checkpoint (or a LoRA adapter directory, ``export/adapter``, merged onto the base checkpoint its
+    ``adapter_config.json`` names) as a plain fp32 module on CPU (bf16 on CUDA); checked against ``data_dir``'s
     tokenizer when given.
 
     Raises:
@@ -176,6 +177,13 @@ def model_from_export(path: str | Path, data_dir: str | Path | None = None):
     from itune.checkpoint import load_export, safetensors_problems
 
     p = Path(path)
+    adapter = p
+    if (p / "adapter_config.json").is_file():  # a LoRA adapter (export/adapter): checked on its base checkpoint
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ConfigError(f"{p / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a local model "
+                              "directory; set it to the base checkpoint, or evaluate the merged export")
+        p = Path(base)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{p}: not a Hugging Face model directory (no config.json)")
     problems = safetensors_problems(p)
@@ -189,7 +197,7 @@ def model_from_export(path: str | Path, data_dir: str | Path | None = None):
             raise ManifestError(f"{p}: vocabulary of {vocab} ids, but {data_dir} uses {need}; prepare the eval data "
                                 "with the model's tokenizer")
     cuda = torch.cuda.is_available()
-    model = load_export(p, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = load_export(adapter, dtype=torch.bfloat16 if cuda else torch.float32)
     return model.cuda() if cuda else model
 
 

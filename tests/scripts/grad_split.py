@@ -33,17 +33,20 @@ def main():
 
     def grab():  # every rank must take part in the gathers
         for name, param in s.engine.module.named_parameters():
-            g = safe_get_full_grad(param)
-            grads[name] = g.detach().clone().cpu()
+            if param.requires_grad:  # frozen (LoRA base) parameters have none
+                grads[name] = safe_get_full_grad(param).detach().clone().cpu()
 
     dp_rank = s.rank // s.plan.sequence_parallel_size
     batches = [s.train_rows.rows(ids) for ids in step_row_ids(s.plan, s.cfg.train.seed, 0, 0, dp_rank)]
+    rows = [None] * s.world
+    torch.distributed.all_gather_object(rows, [b.row_ids for b in batches])
     r = train_step(s.engine, batches, s.world, before_optimizer_step=grab, isolation=s.isolation, aux=s.aux,
                    tile_tokens=s.loss_tile_tokens, sp=s.sp)
     if s.rank == 0:
         torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "aux_loss": r.aux_loss, "grads": grads,
                     "isolation": s.isolation.name, "loss_tile_tokens": s.loss_tile_tokens,
-                    "position_ids": torch.cat([b.position_ids for b in batches]), "world": s.world}, a.out)
+                    "position_ids": torch.cat([b.position_ids for b in batches]), "world": s.world,
+                    "rows": rows}, a.out)
 
 
 if __name__ == "__main__":
