@@ -50,6 +50,22 @@ class LoraSettings:
 
 
 @dataclass
+class QuantizationSettings:
+    """QLoRA (Dettmers et al. 2023): the frozen base loaded in 4 bits by bitsandbytes on CUDA, LoRA adapters
+    trained in the compute dtype.
+
+    Attributes:
+        bits: 4 (NF4 / FP4 storage of the base weights).
+        quant_type: ``nf4`` or ``fp4``.
+        double_quant: quantize the quantization constants too (saves ~0.4 bit per weight).
+    """
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
 class ModelConfig:
     """The model to train.
 
@@ -81,6 +97,8 @@ class ModelConfig:
             gated MLPs (``gate_proj``/``up_proj``/``down_proj``), refused on a model without one.
         lora: train LoRA adapters instead of every weight (:class:`LoraSettings`; ``model.lora.r=16`` on the
             command line turns it on); None: full fine-tuning.
+        quantization: load the base of a LoRA run in 4 bits (:class:`QuantizationSettings`; CUDA and
+            bitsandbytes only, refused elsewhere before training); None: the base in the run's dtype.
         activation_offload: keep the tensors saved for backward (with gradient checkpointing: each layer's input)
             in pinned CPU memory (``torch.autograd.graph.save_on_cpu``); CUDA only, refused on CPU.
     """
@@ -97,6 +115,7 @@ class ModelConfig:
     tiled_mlp: bool = False
     activation_offload: bool = False
     lora: LoraSettings | None = None
+    quantization: QuantizationSettings | None = None
 
 
 @dataclass

@@ -114,6 +114,7 @@ def check_model_config(cfg: RunConfig) -> list[str]:
             e.append(f"model.lora.dropout: {lora.dropout}: must be in [0, 1)")
         if isinstance(lora.alpha, (int, float)) and not lora.alpha > 0:
             e.append(f"model.lora.alpha: {lora.alpha}: must be > 0")
+    e += quantization_problems(cfg, torch.cuda.is_available())
     if cfg.model.activation_offload and not torch.cuda.is_available():
         e.append("model.activation_offload: moves activations from GPU to CPU memory, and this machine has no CUDA "
                  "device; set model.activation_offload=false")
@@ -256,6 +257,8 @@ def build_model(cfg: RunConfig, hf_config, bf16: bool, attn_implementation: str)
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     kw = dict(attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.quantization is not None:
+        kw["quantization_config"] = bnb_config(cfg.model.quantization, dtype)
     if cfg.model.pretrained:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, config=hf_config, use_safetensors=True,
                                                      **kw)
@@ -379,3 +382,40 @@ def apply_lora(model, lora, seed: int):
 def is_lora(model) -> bool:
     """Whether ``model`` is a PEFT model (LoRA adapters)."""
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def quantization_problems(cfg: RunConfig, cuda: bool) -> list[str]:
+    """Why ``model.quantization`` cannot run here (empty when it can or is unset): it needs ``model.lora``, a
+    ``model.pretrained`` checkpoint, CUDA and the bitsandbytes package, 4 bits and a known quantization type."""
+    q = cfg.model.quantization
+    if q is None:
+        return []
+    e = []
+    if q.bits != 4:
+        e.append(f"model.quantization.bits: {q.bits}: only 4-bit (QLoRA) is supported")
+    if q.quant_type not in ("nf4", "fp4"):
+        e.append(f"model.quantization.quant_type: {q.quant_type!r}: choose nf4 or fp4")
+    if cfg.model.lora is None:
+        e.append("model.quantization: a 4-bit base cannot be trained; set model.lora (QLoRA trains adapters on it)")
+    if not cfg.model.pretrained:
+        e.append("model.quantization: quantizes a model.pretrained checkpoint; none is set")
+    if not cuda:
+        e.append("model.quantization: 4-bit weights need CUDA (bitsandbytes kernels), and this machine has no CUDA "
+                 "device; remove model.quantization to train LoRA on the unquantized base")
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            e.append("model.quantization: needs the bitsandbytes package (pip install bitsandbytes)")
+    return e
+
+
+def bnb_config(q, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for :class:`itune.config.QuantizationSettings`: 4-bit base weights,
+    compute in ``dtype``, and the packed weights stored in ``dtype`` so that ZeRO-3 can partition them like any
+    other parameter (``bnb_4bit_quant_storage``, as transformers documents for QLoRA with DeepSpeed ZeRO-3)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype)

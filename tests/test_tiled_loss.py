@@ -89,13 +89,3 @@ def test_tiled_mlp_equals_the_plain_mlp():
     for n, g in g_plain.items():
         assert (g_tiled[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
     assert apply_tiled_mlp(_model("gpt_neox")) == 0  # no gated MLP: the trainer refuses model.tiled_mlp there
-
-
-def test_activation_offload_is_refused_without_cuda():
-    from itune.config import RunConfig
-    from itune.model import check_model_config
-
-    cfg = RunConfig()
-    cfg.model.activation_offload = True
-    assert any(x.startswith("model.activation_offload: moves activations from GPU to CPU memory, and this machine "
-                            "has no CUDA device") for x in check_model_config(cfg)) is (not torch.cuda.is_available())
