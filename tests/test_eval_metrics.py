@@ -425,3 +425,17 @@ def test_metrics_and_report_import_no_gpu_stack():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_chrf_and_bleu_beside_the_official_scores():
+    from itune.eval.extra_metrics import extra_metrics
+
+    recs = [{"id": "a", "task_id": "t1", "references": ["the cat sat on the mat"]},
+            {"id": "b", "task_id": "t1", "references": ["hello world", "hi world"]},
+            {"id": "c", "task_id": "t2", "references": ["Das ist gut ."]}]
+    # sacrebleu 2.6.0 corpus chrF2 / BLEU-4 (13a), multiple references padded with the first one
+    assert extra_metrics({"a": "the cat sat on a mat", "b": "hi world", "c": "Das ist gut ."}, recs) == {
+        "chrF": 80.8424, "BLEU": 69.8211, "chrF_for_t1": 73.3313, "BLEU_for_t1": 55.8395, "chrF_for_t2": 100.0,
+        "BLEU_for_t2": 100.0}
+    got = extra_metrics({"a": "the cat sat on a mat"}, recs)  # missing predictions count as empty strings
+    assert (got["chrF_for_t2"], got["BLEU_for_t2"], got["BLEU"]) == (0.0, 0.0, 19.7656)

@@ -192,8 +192,10 @@ def _generate(a, out: str) -> int:
         if empty > res["num_instances"] // 2:
             print(f"warning: {empty}/{res['num_instances']} predictions are empty (the model ends with EOS at once);"
                   " an undertrained model does this (see --min-new-tokens to inspect its text anyway)")
+        x = res.get("extra_metrics", {})
         print(f"{res['num_instances']} instances: ROUGE-L {r['rougeL_default_track']:.4f} "
-              f"EM {r['exact_match_default_track']:.4f} -> {out}/results.json")
+              f"EM {r['exact_match_default_track']:.4f} (official); chrF {x.get('chrF', float('nan')):.2f} "
+              f"BLEU {x.get('BLEU', float('nan')):.2f} (extra) -> {out}/results.json")
     return 0
 
 

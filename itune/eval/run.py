@@ -18,6 +18,7 @@ from itune.comm import init_distributed
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
 from itune.eval import report
+from itune.eval.extra_metrics import extra_metrics
 from itune.eval.generate import generate_all
 from itune.eval.metrics import score_superni
 from itune.errors import ConfigError, ManifestError
@@ -104,7 +105,8 @@ def evaluate(model, data_dir: str | Path, out_dir: str | Path, *, split: str = "
                "generation": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "batch_size": batch_size, "greedy": not do_sample,
                               **({"temperature": temperature, "seed": seed} if do_sample else {}),
                               "seconds": round(seconds, 2)},
-               "contamination": contamination, "results": dict(scores)}
+               "contamination": contamination, "results": dict(scores),
+               "extra_metrics": extra_metrics(predictions, records)}  # chrF / BLEU: not official SuperNI keys
     rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
     if rank == 0:
         out = Path(out_dir)
