@@ -33,3 +33,4 @@ print(f"held-out tasks (never trained on): ROUGE-L {u['rougeL_default_track']:.2
       f"exact match {u['exact_match_default_track']:.2f} -> {t['exact_match_default_track']:.2f} "
       f"(untrained -> trained, 0-100); full tables: {out}/eval_trained/results.md")
 PY
+itune-report "$OUT/train" --eval "$OUT/eval_untrained" --eval "$OUT/eval_trained" --out "$OUT/report.png"
