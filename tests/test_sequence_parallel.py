@@ -31,7 +31,7 @@ def test_sp2_equals_one_process(tmp_path, superni_data):
                               f"output_dir={tmp_path / f'run{world}'}", f"data.path={data}",
                               "train.micro_batch_size=4", "train.gradient_accumulation_steps=1",
                               "train.progress_bar=false", f"train.sequence_parallel_size={sp}",
-                              "train.loss_tile_tokens=48"))  # the tiled loss (default), 6 tiles per shard
+                              "train.loss_tile_tokens=48"))  # the tiled loss (default), tiles of 48 trained positions
         out[world] = torch.load(f, weights_only=True)
     ref, got = out[1], out[2]
     assert (got["position_ids"] == ref["position_ids"]).all()  # the same rows
