@@ -29,14 +29,21 @@ ARCH = ("model.architecture.hidden_size=256", "model.architecture.intermediate_s
         "model.architecture.num_key_value_heads=4", "model.architecture.max_position_embeddings=65536")
 
 
-def run_one(data: Path, out: Path, seq_len: int, tiled: bool, steps: int) -> dict:
+#: benchmark modes: overrides of each
+MODES = {"full": ["train.tiled_loss=false"], "tiled": [],
+         "tiled+sp2": ["train.sequence_parallel_size=2"],
+         "tiled+sp2+mlp": ["train.sequence_parallel_size=2", "model.tiled_mlp=true"]}
+
+
+def run_extra(data: Path, out: Path, mode: str, steps: int) -> dict:
+    """One run of ``mode`` (:data:`MODES`); returns peak GiB and tokens/s, or the error."""
     from tests.conftest import deepspeed_cmd
 
     r = subprocess.run(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", *ARCH,
                                      f"data.path={data}", f"output_dir={out}", f"train.max_steps={steps}",
                                      "train.progress_bar=false", "train.micro_batch_size=1",
                                      "train.gradient_accumulation_steps=1", "checkpoint.export=false",
-                                     "checkpoint.every_steps=0", f"train.tiled_loss={str(tiled).lower()}"),
+                                     "checkpoint.every_steps=0", *MODES[mode]),
                        cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stdout + r.stderr)[-600:]}
@@ -46,16 +53,36 @@ def run_one(data: Path, out: Path, seq_len: int, tiled: bool, steps: int) -> dic
             "tokens_per_s": statistics.median(x["real_tokens_per_s"] for x in rec[1:] or rec)}
 
 
+def run_one(data: Path, out: Path, seq_len: int, tiled: bool, steps: int) -> dict:
+    return run_extra(data, out, "tiled" if tiled else "full", steps)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--full-up-to", type=int, default=16384)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--budget-gib", type=float, default=8.0)
+    p.add_argument("--modes", nargs="+", default=None, choices=sorted(MODES),
+                   help="instead of the full / tiled table: these modes at every --seq-lens (peak GiB, tokens/s)")
     a = p.parse_args()
     from tests.conftest import MISTRAL, SUPERNI
 
     tmp = Path(tempfile.mkdtemp(prefix="long_context_"))
+    if a.modes:
+        print("| seq_len | " + " | ".join(f"{m}: peak GiB | tokens/s" for m in a.modes) + " |")
+        print("|---|" + "---|---|" * len(a.modes))
+        for seq in a.seq_lens:
+            data = tmp / f"data{seq}"
+            subprocess.run([sys.executable, "-m", "data_tools.cli", "prepare", "--superni", str(SUPERNI),
+                            "--tokenizer", str(MISTRAL), "--seq-len", str(seq), "--out", str(data)], check=True,
+                           cwd=ROOT, capture_output=True)
+            cells = []
+            for m in a.modes:
+                r = run_extra(data, tmp / f"run{seq}_{m}", m, a.steps)
+                cells.append(f"{r['peak_gib']:.2f} | {r['tokens_per_s']:.0f}" if "error" not in r else "error | -")
+            print(f"| {seq} | " + " | ".join(cells) + " |", flush=True)
+        return 0
     results: dict = {}
     for seq in a.seq_lens:
         data = tmp / f"data{seq}"

@@ -189,7 +189,7 @@ class TrainConfig:
             states, never the full-sequence logits ([rows, seq_len, vocab] fp32: 2.1 GB per row at 16k tokens and a
             32k vocabulary); the same loss and gradients (:func:`itune.loss.tiled_sum_cross_entropy`). Proven on the
             loaded model at start; a model it does not fit falls back to the full logits, saying so.
-        loss_tile_tokens: positions per tile of the tiled loss (one tile's fp32 logits live at once).
+        loss_tile_tokens: trained positions per tile of the tiled loss (one tile's fp32 logits live at once).
         sequence_parallel_size: ranks that share each row, each running ``seq_len / N`` of its positions
             (Ulysses sequence parallelism, :mod:`itune.sequence_parallel`); must divide the world size, seq_len and
             the attention heads. The data-parallel size is ``world_size / N``.
