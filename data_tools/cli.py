@@ -197,12 +197,31 @@ def _verify(a) -> int:
     return 0 if not problems else 1
 
 
-def _piece(tok, i: int) -> str:
-    """Readable form of one token: metaspace as a space, byte-fallback tokens as their byte."""
-    p = tok.id_to_token(i) or f"<{i}>"
-    if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
-        return chr(int(p[3:5], 16))
-    return p.replace("\u2581", " ")
+def _shown(tok, ids: list[int], labels: list[int]) -> str:
+    """Readable form of tokens, each trained one in ``[[...]]``: metaspace as a space, and runs of byte-fallback
+    tokens (``<0xF0>``...) decoded together as UTF-8 (a character split over trained and untrained bytes is shown
+    per part, undecodable bytes as U+FFFD)."""
+    out: list[tuple[str, bool]] = []
+    buf, buf_trained = b"", False
+
+    def flush():
+        nonlocal buf
+        if buf:
+            out.append((buf.decode("utf-8", "replace"), buf_trained))
+            buf = b""
+
+    for i, lab in zip(ids, labels):
+        p = tok.id_to_token(i) or f"<{i}>"
+        trained = lab != -100
+        if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+            if buf and trained != buf_trained:
+                flush()
+            buf, buf_trained = buf + bytes([int(p[3:5], 16)]), trained
+            continue
+        flush()
+        out.append((p.replace("\u2581", " "), trained))
+    flush()
+    return "".join(f"[[{t}]]" if trained else t for t, trained in out)
 
 
 def _inspect(a) -> int:
@@ -215,6 +234,10 @@ def _inspect(a) -> int:
         from itune.errors import ManifestError
 
         raise ManifestError(f"{a.data}: the manifest names no tokenizer path; prepare the data again")
+    if a.rows < 1:
+        from itune.errors import ConfigError
+
+        raise ConfigError(f"--rows {a.rows}: give the number of rows to show (>= 1)")
     tok = TextTokenizer.load(tok_path)
     t = open_split(a.data, a.split)
     for r in range(min(a.rows, t.num_rows)):
@@ -223,11 +246,7 @@ def _inspect(a) -> int:
         pos = 0
         print(f"== row {r}: examples {t['example_ids'][r].as_py()}")
         for n in t["example_lengths"][r].as_py():
-            text = ""
-            for i in range(pos, pos + n):
-                piece = _piece(tok, ids[i])
-                text += f"[[{piece}]]" if labels[i] != -100 else piece
-            print(text)
+            print(_shown(tok, ids[pos:pos + n], labels[pos:pos + n]))
             print("--")
             pos += n
     for split, info in m["splits"].items():  # per-task statistics

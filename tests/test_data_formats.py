@@ -395,3 +395,12 @@ def test_nested_formats_can_be_forced(tmp_path, capsys):
     assert main(["prepare", "--input", str(f), "--tokenizer", str(MISTRAL), "--out", str(tmp_path / "o"),
                  "--seq-len", "64", "--format", "instances", "--on-error", "skip"]) == 0
     assert "read 2 = written 1 + rejected 1 {'missing_field': 1}" in capsys.readouterr().out
+
+
+def test_inspect_decodes_byte_fallback_runs(mistral_tokenizer):
+    from data_tools.cli import _shown
+
+    ids, _ = mistral_tokenizer.encode_with_offsets("pua \U000F0000 ok")  # the character is 4 byte-fallback tokens
+    assert [mistral_tokenizer.id_to_token(i) for i in ids][3:7] == ["<0xF3>", "<0xB0>", "<0x80>", "<0x80>"]
+    assert _shown(mistral_tokenizer, ids, [-100] * 3 + ids[3:]) == " pua [[\U000F0000]][[ ok]]"
+    assert _shown(mistral_tokenizer, ids, [-100] * 5 + ids[5:]) == " pua \ufffd[[\ufffd\ufffd]][[ ok]]"  # split bytes

@@ -299,7 +299,8 @@ def _process_chunk(job) -> dict:
                                 "track": "default", "references": ex.references,
                                 "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
         if reason is not None:
-            reject(loc, ex, reason)
+            reject(loc, ex, reason, _REJECT_HINTS.get(reason, "").format(seq_len=plan.seq_len,
+                                                                          overflow=plan.overflow))
             continue
         tasks.append(ex.task)
         eids.append(ex.id)
@@ -323,6 +324,15 @@ def _process_chunk(job) -> dict:
 
 #: Bit of a stored token that marks it trained (ids are < 2**31).
 TRAINED_BIT = np.uint32(1 << 31)
+
+
+#: the message of a reject the renderer decided (not a bad record)
+_REJECT_HINTS = {
+    "too_long": "longer than seq_len {seq_len} tokens and not kept by --overflow {overflow}; use a larger --seq-len, "
+                "or --overflow truncate_response",
+    "no_trainable_tokens": "no trained token left (assistant turns with weight 0, --train-on last on an untrained "
+                           "last turn, or a response cut away by --overflow {overflow})",
+}
 
 
 def _trained_turns(turns: list, train_on: str) -> int:
@@ -851,8 +861,10 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
                                    plan.max_eval_instances_per_task)
             dup = sorted(k for k, v in Counter(x["id"] for x in recs).items() if v > 1)
             if dup:
-                raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all); scores are "
-                                  "matched by id, so give every record a unique 'id' field")
+                where = sorted({x["task_id"] for x in recs if x["id"] in set(dup)})
+                raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all; tasks "
+                                  f"{where[:10]}); scores are matched by id, so give every record (every instance of "
+                                  "a nested record) a unique 'id' field")
             atomic_write_text(out_dir / "test_eval.jsonl",
                               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
             info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
