@@ -123,8 +123,9 @@ def test_training_from_the_exported_checkpoint(pipeline):
                                 f"model.pretrained={pipeline['run'] / 'export'}", "model.architecture=null",
                                 "checkpoint.export=false"))
     line = next(x for x in out.stdout.splitlines() if x.startswith("model: "))
-    total, local = (int(x.replace(",", "")) for x in re.match(r"model: .*? ([\d,]+) parameters \(([\d,]+) held",
-                                                              line).groups())
+    total, trainable, local = (int(x.replace(",", "")) for x in re.match(
+        r"model: .*? ([\d,]+) parameters, ([\d,]+) trainable \(([\d,]+) held", line).groups())
+    assert trainable == total  # full fine-tuning
     assert abs(local - total / 2) <= 0.01 * total
     first = json.loads((run2 / "losses.jsonl").read_text().splitlines()[0])["loss"]
     m = read_manifest(pipeline["data"])
