@@ -7,7 +7,7 @@ optimizer steps, and saves each rank's state before and after chosen steps.
 ``--inject STEP:RANK:KIND`` (STEP 1-based): on that rank, during that optimizer step, the training loss of every
 micro-batch becomes ``loss x nan`` (KIND ``loss``: nan loss, nan gradients, as a forward pass that overflowed) or
 keeps its value with nan gradients (KIND ``grad``: finite loss, non-finite gradient norm). The injection lives in
-this script only (it wraps ``itune.train.sum_cross_entropy``); the trainer has no test hook.
+this script only (it wraps ``itune.train.packed_loss_sum``); the trainer has no test hook.
 
 ``--snapshot STEP`` writes ``OUT/rank{R}_step{STEP}_{before,after}.pt`` on every rank: the rank's ZeRO-3 weight
 partitions, DeepSpeed's fp32 partitions, the AdamW state, the lr scheduler position and DeepSpeed's skip counter.
@@ -64,10 +64,10 @@ def main():
     inject = {(int(s), int(r)): kind for s, r, kind in (x.split(":") for x in a.inject)}
     state = {"step": 0, "in_step": False}
 
-    loss_fn, step_fn = itune.train.sum_cross_entropy, itune.train.train_step
+    loss_fn, step_fn = itune.train.packed_loss_sum, itune.train.train_step
 
-    def sum_cross_entropy(logits, labels, position_ids):
-        s = loss_fn(logits, labels, position_ids)
+    def packed_loss_sum(*args, **kwargs):
+        s = loss_fn(*args, **kwargs)
         kind = inject.get((state["step"], tdist.get_rank())) if state["in_step"] else None
         if kind == "loss":
             return s * float("nan")
@@ -89,7 +89,7 @@ def main():
             torch.save(snapshot(engine), os.path.join(a.out, f"rank{rank}_step{k}_after.pt"))
         return r
 
-    itune.train.sum_cross_entropy, itune.train.train_step = sum_cross_entropy, train_step
+    itune.train.packed_loss_sum, itune.train.train_step = packed_loss_sum, train_step
     os.makedirs(a.out, exist_ok=True)
     cfg = load_config(a.config, a.overrides)
     itune.train.preflight(cfg)
