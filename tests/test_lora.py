@@ -1,8 +1,9 @@
 """LoRA (model.lora, PEFT) under ZeRO-3 with gradient checkpointing, on a tied-embedding checkpoint (Qwen3):
 adapter gradients on 2 ranks equal one process without DeepSpeed; the merged export and base + adapter give the same
-logits; a preempted run resumes with the uninterrupted losses; the base stays frozen."""
+logits; a preempted run resumes with the uninterrupted losses, on 2 ranks and on 1; the base stays frozen."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -104,5 +105,13 @@ def test_export_resume_and_adapter(tmp_path, base, superni_data):
     rc, out = _preempt(cmd, run)
     assert rc == EXIT_PREEMPTED, out[-3000:]
     assert 2 <= int((run / "checkpoints" / "latest").read_text().removeprefix("global_step")) < STEPS
+    shutil.copytree(run, tmp_path / "one_rank")
     run_cmd(cmd)
     assert _losses(run) == _losses(ref)
+    # the same checkpoint resumed on 1 rank (DeepSpeed's universal checkpoint, the same rows per step)
+    one = tmp_path / "one_rank"
+    out = run_cmd(deepspeed_cmd(1, "launcher/train.py", *args, f"output_dir={one}",
+                                "train.gradient_accumulation_steps=4")).stdout
+    assert "saved with 2 ranks, now 1" in out
+    assert [x["step"] for x in _losses(one)] == [x["step"] for x in _losses(ref)]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(_losses(one), _losses(ref)))
