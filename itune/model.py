@@ -354,7 +354,7 @@ def apply_tiled_mlp(model) -> int:
     return n
 
 
-def peft_lora_config(lora, seed: int):
+def peft_lora_config(lora):
     """PEFT's ``LoraConfig`` for :class:`itune.config.LoraSettings`."""
     from peft import LoraConfig
 
@@ -374,7 +374,7 @@ def apply_lora(model, lora, seed: int):
 
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, peft_lora_config(lora, seed))
+        return get_peft_model(model, peft_lora_config(lora))
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
         raise ConfigError(f"model.lora: {str(e).splitlines()[0][:300]}") from None
 

@@ -74,19 +74,22 @@ def register(hf_config, attn_implementation: str, size: int, micro_batch_size: i
         seq_length_is_variable=False, disable_in_eval=True)
 
 
-def problems(size: int, world: int, seq_len: int, hf_config, attn_implementation: str) -> list[str]:
-    """Why ``train.sequence_parallel_size=size`` cannot run here (empty when it can)."""
+def problems(size: int, world: int, seq_len: int, hf_config=None,
+             attn_implementation: str | None = None) -> list[str]:
+    """Why ``train.sequence_parallel_size=size`` cannot run here (empty when it can); the model's heads and
+    attention are checked when given (``hf_config``, ``attn_implementation``)."""
     if size <= 1:
         return []
-    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     out = []
     if world % size:
         out.append(f"train.sequence_parallel_size {size} does not divide the world size {world}")
     if seq_len % size:
         out.append(f"train.sequence_parallel_size {size} does not divide seq_len {seq_len} (the data's)")
-    heads = getattr(cfg, "num_attention_heads", None)
-    if heads is None or heads % size:
-        out.append(f"train.sequence_parallel_size {size} does not divide the model's {heads} attention heads")
+    if hf_config is not None:
+        cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        heads = getattr(cfg, "num_attention_heads", None)
+        if heads is None or heads % size:
+            out.append(f"train.sequence_parallel_size {size} does not divide the model's {heads} attention heads")
     if attn_implementation == "eager":
         out.append("train.sequence_parallel_size > 1 needs model.attn_implementation sdpa or flash_attention_2/3 "
                    "(eager is chosen)")

@@ -30,8 +30,8 @@ from itune.loader import PackedRows, step_row_ids
 from itune.lock import DirLock, hold_dir_lock_rank0
 from itune.preemption import EXIT_PREEMPTED, PreemptionFlag, launcher_chain  # noqa: F401  (EXIT_PREEMPTED: API)
 from itune.loss import check_tiled_loss, count_targets, packed_loss_sum
-from itune.model import (apply_lora, is_lora, apply_tiled_mlp, attention, build_ds_config, build_model, embedding_rows, flops_per_token,
-                         lr_lambda, model_config, param_groups, resize_embeddings, use_bf16)
+from itune.model import (apply_lora, apply_tiled_mlp, attention, build_ds_config, build_model, embedding_rows,
+                         flops_per_token, is_lora, lr_lambda, model_config, param_groups, resize_embeddings, use_bf16)
 
 #: the isolation of a model whose forward builds a block-diagonal mask from restarting position_ids (most families)
 POSITION_IDS = Isolation(("position_ids",))
@@ -455,8 +455,8 @@ def setup(cfg: RunConfig) -> Setup:
     eval_rows = (PackedRows(shards.open_split(cfg.data.path, cfg.data.eval_split), seq_len, pad_id)
                  if cfg.data.eval_split in manifest["splits"] else None)
     sp_size = cfg.train.sequence_parallel_size
-    if sp_size > 1 and (world % sp_size or seq_len % sp_size):
-        raise ConfigError("; ".join(sequence_parallel.problems(sp_size, world, seq_len, None, "sdpa")[:2]))
+    if early := sequence_parallel.problems(sp_size, world, seq_len):  # before the model: world and seq_len
+        raise ConfigError("; ".join(early))
     plan = BatchPlan(len(train_rows), seq_len, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps,
                      world // sp_size, cfg.train.epochs, cfg.train.max_steps, sp_size)
     log.print(plan.describe())
