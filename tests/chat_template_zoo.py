@@ -26,7 +26,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "chat_templates"
 
 #: The families with a template in ``tests/chat_templates/``.
 TEMPLATE_NAMES = ("llama3.1", "llama3.2", "qwen2.5", "qwen3", "gemma2", "gemma3", "mistral-v3", "mistral-tekken",
-                  "phi3", "phi4", "gpt-oss")
+                  "phi3", "phi4", "gpt-oss", "smollm3")
 
 
 def template_info(name: str) -> dict:

@@ -1,5 +1,5 @@
 """The published chat templates of the families users train (Llama 3.x, Qwen2.5, Qwen3, Gemma 2/3, Mistral v3 and
-Tekken, Phi-3/4, GPT-OSS harmony), wrapped around the shared tokenizer's vocabulary (tests/chat_template_zoo.py):
+Tekken, Phi-3/4, SmolLM3, GPT-OSS harmony), wrapped around the shared tokenizer's vocabulary (tests/chat_template_zoo.py):
 per template the exact trained spans (assistant text, the reasoning and tool calls the template writes, and its
 end-of-turn token; never headers, system, user or tool turns), exactly one BOS, the messages a template leaves out,
 and two renders per example whatever the number of turns."""
@@ -48,6 +48,8 @@ EXPECTED = {
                        {"system": 1}),
     "phi3": (["Hello!<|end|>", "Bye now.<|end|>"], None, 2, {}),
     "phi4": (["Hello!<|im_end|>", "Bye now.<|im_end|>"], None, 2, {}),
+    # SmolLM3 writes neither tool calls nor reasoning (its default /think mode keeps no <think> block in history)
+    "smollm3": (["Hello!<|im_end|>", "Bye now.<|im_end|>"], None, 2, {}),
     "gpt-oss": ([HARMONY + "Hello!<|end|>", HARMONY + "Bye now.<|return|>"],
                 ['to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
                  HARMONY + "18 degrees.<|return|>"], 1, {}),
@@ -124,6 +126,7 @@ HEADERS = {"llama3.1": ("<|start_header_id|>assistant<|end_header_id|>\n\n", ("<
            "gemma3": ("<start_of_turn>model\n", ("<end_of_turn>",)),
            "mistral-v3": ("", ("</s>",)), "mistral-tekken": ("", ("</s>",)),
            "phi3": ("<|assistant|>\n", ("<|end|>",)), "phi4": ("<|im_start|>assistant<|im_sep|>", ("<|im_end|>",)),
+           "smollm3": ("<|im_start|>assistant\n", ("<|im_end|>",)),
            "gpt-oss": ("<|start|>assistant", ("<|return|>", "<|call|>", "<|end|>"))}
 
 
