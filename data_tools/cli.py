@@ -33,7 +33,8 @@ def _prepare(a) -> int:
     if a.input or a.mixture:
         return _prepare_sources(a)
     given = [f"--{k.replace('_', '-')}" for k in ("format", "template", "field", "on_error", "max_bad_fraction",
-                                                  "task_field", "heldout_tasks", "max_per_task", "strict_keys")
+                                                  "task_field", "heldout_tasks", "max_per_task", "strict_keys",
+                                                  "chat_template_kwargs")
              if getattr(a, k) not in (None, [], "auto", "raise", False)]
     if a.train_on != "all":
         given.append("--train-on")
@@ -72,7 +73,8 @@ def _prepare_sources(a) -> int:
         task_field=a.task_field, heldout_tasks=[t.strip() for t in (a.heldout_tasks or "").split(",") if t.strip()],
         max_eval_instances_per_task=a.max_eval_instances_per_task, max_per_task=max_per_task,
         num_proc=a.num_proc, shard_index=a.shard_index, num_shards=a.num_shards, keep_slices=a.keep_slices,
-        strict_keys=a.strict_keys, max_instances_per_task=a.max_instances_per_task))
+        strict_keys=a.strict_keys, max_instances_per_task=a.max_instances_per_task,
+        chat_template_kwargs=a.chat_template_kwargs))
     if "splits" not in m:
         return _print_slice(m, a.out)
     return _print_sources(m, a.out)
@@ -288,6 +290,9 @@ def main(argv=None) -> int:
     q.add_argument("--template", default=None, choices=["completion", "alpaca", "chat", "tokenizer"],
                    help="rendering (default per format: alpaca->alpaca, prompt_completion->completion, "
                         "messages/sharegpt->chat; tokenizer = the tokenizer's chat template)")
+    q.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="extra variables for the tokenizer's chat template, e.g. '{\"enable_thinking\": false}' "
+                        "(Qwen3, SmolLM3); with --template tokenizer; recorded in the manifest")
     q.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
                    help="read field NAME from key KEY, e.g. --field prompt=question --field completion=answer")
     q.add_argument("--train-on", default="all", choices=["all", "last"], help="assistant turns to train on")

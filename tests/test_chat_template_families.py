@@ -151,3 +151,65 @@ def test_two_renders_per_example_whatever_the_turns(family, monkeypatch):
     r, reason, _ = _render(tok, Example("long", turns, "t"))
     assert reason is None and calls["render"] == 2
     assert len(_trained(tok, r)) == 100
+
+
+def test_chat_template_kwargs_reach_training_text_and_eval_prompts(tmp_path):
+    """--chat-template-kwargs '{"enable_thinking": false}': SmolLM3's /no_think system header and empty think
+    block in the training text and in the held-out prompts; recorded in the manifest and the template fingerprint."""
+    import json
+
+    from itune.data.prepare import SourcesOptions, prepare_sources
+
+    tok_dir = build_tokenizer_dir("smollm3", tmp_path / "tok")
+    rec = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({**rec, "task": t}) + "\n" for t in ("a", "b")))
+
+    def prep(out, **kw):
+        return prepare_sources(SourcesOptions(inputs=[src], tokenizer=tok_dir, out_dir=tmp_path / out, seq_len=2048,
+                                              template="tokenizer", task_field="task", heldout_tasks=["b"], **kw))
+
+    plain, off = prep("plain"), prep("off", chat_template_kwargs='{"enable_thinking": false}')
+    assert (plain["chat_template_kwargs"], off["chat_template_kwargs"]) == ({}, {"enable_thinking": False})
+    assert plain["template_fingerprint"] != off["template_fingerprint"]
+    tok = TextTokenizer.load(tok_dir)
+    for out, mode, answer_head in (("plain", "/think", ""), ("off", "/no_think", "<think>\n\n</think>\n")):
+        from itune.data.shards import open_split
+
+        [row] = open_split(tmp_path / out, "train").to_pylist()
+        text = tok.decode(row["input_ids"], skip_special_tokens=False)
+        assert f"Reasoning Mode: {mode}\n" in text
+        after_user = text.split("<|im_start|>user\nHi there<|im_end|>\n", 1)[1]  # (then padding)
+        assert after_user.startswith("<|im_start|>assistant\n" + answer_head + "Hello!<|im_end|>\n")
+        assert trained_spans(tok, row["input_ids"], row["labels"]) == ["Hello!<|im_end|>"]  # header untrained
+        [ev] = [json.loads(x) for x in (tmp_path / out / "test_eval.jsonl").read_text().splitlines()]
+        prompt = tok.decode(ev["prompt_ids"], skip_special_tokens=False)
+        assert prompt.endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n" + answer_head)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ('{"enable_thinkin": false}', "never reads enable_thinkin (it reads "),
+    ('{"messages": []}', "messages are set by itune itself"),
+    ('[1]', "must be a JSON object"),
+    ("{enable_thinking: false}", "not JSON"),
+])
+def test_chat_template_kwargs_refused(tmp_path, kwargs, words):
+    from itune.data.render import check_chat_template_kwargs
+    from itune.errors import ConfigError
+
+    tok = TextTokenizer.load(build_tokenizer_dir("smollm3", tmp_path / "tok"))
+    with pytest.raises(ConfigError, match="--chat-template-kwargs") as e:
+        check_chat_template_kwargs(kwargs, tok)
+    assert words in str(e.value)
+
+
+def test_chat_template_kwargs_need_the_tokenizer_template(tmp_path):
+    from itune.data.prepare import SourcesOptions, prepare_sources
+    from itune.errors import ConfigError
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(ConfigError, match="no source uses the tokenizer's chat template \\(templates: chat\\)"):
+        prepare_sources(SourcesOptions(inputs=[src], tokenizer=build_tokenizer_dir("smollm3", tmp_path / "tok"),
+                                       out_dir=tmp_path / "out", template="chat",
+                                       chat_template_kwargs={"enable_thinking": False}))

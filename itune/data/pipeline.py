@@ -129,6 +129,7 @@ class PipelinePlan:
     extra_manifest: dict = field(default_factory=dict)
     strict_keys: bool = False
     max_instances_per_task: int | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         d = asdict(self)
@@ -142,6 +143,8 @@ def template_fingerprint(templates: list[str], tok: TextTokenizer) -> str:
     h.update(json.dumps([ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_HEADERS]).encode())
     if "tokenizer" in templates:
         h.update((tok.chat_template or "").encode())
+        if tok.chat_template_kwargs:  # (absent from the hash when empty: fingerprints of older data stay valid)
+            h.update(json.dumps(tok.chat_template_kwargs, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -192,8 +195,9 @@ def _init_worker(plan: PipelinePlan, parallel_tokenizer: bool, tok: TextTokenize
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # which then terminates the pool (no half-dead workers)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.clear()
-    _WORKER.update(plan=plan, tok=tok if tok is not None else TextTokenizer.load(plan.tokenizer),
-                   heldout=set(plan.heldout_tasks))
+    tok = tok if tok is not None else TextTokenizer.load(plan.tokenizer)
+    tok.chat_template_kwargs = dict(plan.chat_template_kwargs)
+    _WORKER.update(plan=plan, tok=tok, heldout=set(plan.heldout_tasks))
 
 
 def process_chunk(job) -> dict:
@@ -881,6 +885,7 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
         "template": templates[0] if len(templates) == 1 else "per_source",
         **plan.extra_manifest,
         "template_fingerprint": plan.template_fingerprint,
+        "chat_template_kwargs": plan.chat_template_kwargs,
         "tokenizer": plan.tokenizer_info,
         "packing": "best_fit_decreasing" if plan.pack else "none",
         "overflow": plan.overflow,

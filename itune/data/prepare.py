@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from itune.data import shards
+from itune.data import render, shards
 from itune.data.render import TEMPLATES, TRAIN_ON
 from itune.data.sources import FORMATS, read_split_file, sniff_format, superni_task_path, utf8_encodable
 from itune.data.tokenizer import TextTokenizer
@@ -206,6 +206,10 @@ class SourcesOptions:
             (``unused_key``); else such keys are counted per source (manifest ``sources[].unused_keys``).
         max_instances_per_task: nested formats (``instances``, ``superni_jsonl``): read the first N instances of
             each record (the rest are counted, manifest ``sources[].dropped.instances_over_cap``). None = all.
+        chat_template_kwargs: extra variables for the tokenizer's chat template (a dict or its JSON text, e.g.
+            ``{"enable_thinking": false}``), as ``transformers``' ``apply_chat_template(**kwargs)``; they shape the
+            training text and the eval prompts (manifest ``chat_template_kwargs``). Only with template
+            ``tokenizer``; checked by :func:`itune.data.render.check_chat_template_kwargs`.
 
     ``inputs`` items are paths, or dicts ``{"path", "weight", "template", "format", "name"}`` (a mixture entry;
     missing keys take the run's values, weight 1).
@@ -237,6 +241,7 @@ class SourcesOptions:
     chunk_records: int = 1024
     strict_keys: bool = False
     max_instances_per_task: int | None = None
+    chat_template_kwargs: dict | str | None = None
 
 
 def _check_sources_options(opts: SourcesOptions) -> None:
@@ -470,6 +475,12 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
     tok = TextTokenizer.load(opts.tokenizer)
     specs = _specs(opts, tok)
+    if opts.chat_template_kwargs not in (None, {}, ""):
+        if not any(s.template == "tokenizer" for s in specs):
+            raise ConfigError("--chat-template-kwargs: no source uses the tokenizer's chat template (templates: "
+                              f"{', '.join(sorted({s.template for s in specs}))}); use --template tokenizer or "
+                              "drop the option")
+        tok.chat_template_kwargs = render.check_chat_template_kwargs(opts.chat_template_kwargs, tok)
     if opts.heldout_tasks and not opts.task_field and not all(s.format in pipeline.NESTED_FORMATS for s in specs):
         raise ConfigError("held-out tasks need --task-field (the record field that names each example's task); "
                           "records of the instances and superni_jsonl formats name their task by name or id")
@@ -482,7 +493,7 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         max_per_task=opts.max_per_task, seed=opts.seed, pack=opts.pack, max_rows_per_shard=opts.max_rows_per_shard,
         template_fingerprint=pipeline.template_fingerprint([s.template for s in specs], tok),
         num_slices=num_shards, chunk_records=opts.chunk_records, strict_keys=opts.strict_keys,
-        max_instances_per_task=opts.max_instances_per_task,
+        max_instances_per_task=opts.max_instances_per_task, chat_template_kwargs=dict(tok.chat_template_kwargs),
         source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
                      "task_field": opts.task_field, "on_error": opts.on_error,
                      "max_bad_fraction": opts.max_bad_fraction})

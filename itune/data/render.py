@@ -315,6 +315,7 @@ def apply_chat_template(messages: list[dict], tok: TextTokenizer, add_generation
     from jinja2.exceptions import TemplateError
 
     kwargs = dict(tok.special_tokens or {})
+    kwargs.update(tok.chat_template_kwargs or {})
     if tools:
         kwargs["tools"] = tools
     try:
@@ -325,6 +326,51 @@ def apply_chat_template(messages: list[dict], tok: TextTokenizer, add_generation
     except Exception as e:  # a template reading a field this message lacks (e.g. tool_call.function.name)
         raise RecordError("template_error", location, f"the tokenizer's chat template failed on this example "
                                                       f"({type(e).__name__}: {e})") from None
+
+
+#: variables itune itself passes to a chat template; --chat-template-kwargs cannot set them
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token", "pad_token",
+                            "unk_token")
+
+
+def check_chat_template_kwargs(kwargs, tok: TextTokenizer, setting: str = "--chat-template-kwargs") -> dict:
+    """Checks the extra chat-template variables ``kwargs`` (a JSON object, e.g. ``{"enable_thinking": false}``)
+    against ``tok``'s chat template and returns them as a dict.
+
+    A variable the template never reads would be ignored without a word, so it is refused, as are the variables
+    itune sets itself (:data:`RESERVED_TEMPLATE_KWARGS`).
+
+    Raises:
+        ConfigError: not a JSON object, a reserved name, a name the template does not read, or a tokenizer
+            without a chat template.
+    """
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{setting} {kwargs!r}: not JSON ({e.msg}); give an object such as "
+                              "'{\"enable_thinking\": false}'") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{setting}: must be a JSON object of template variables, not {type(kwargs).__name__}")
+    if not kwargs:
+        return {}
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise ConfigError(f"{setting}: {', '.join(reserved)} are set by itune itself (messages, tools and the "
+                          "tokenizer's special tokens); remove them")
+    if not tok.chat_template:
+        raise ConfigError(f"{setting}: {tok.path} has no chat template to pass them to")
+    from jinja2 import meta
+
+    _jinja_template(tok.chat_template)  # compiles (a ConfigError names a broken template)
+    env = _jinja_template(tok.chat_template).environment
+    read = meta.find_undeclared_variables(env.parse(tok.chat_template))
+    unread = sorted(set(kwargs) - read)
+    if unread:
+        raise ConfigError(f"{setting}: the chat template of {tok.path} never reads {', '.join(unread)} (it reads "
+                          f"{', '.join(sorted(read - set(RESERVED_TEMPLATE_KWARGS))) or 'no other variable'}); "
+                          "remove or rename them")
+    return dict(kwargs)
 
 
 def _strip_bos_text(text: str, tok: TextTokenizer) -> str:
@@ -383,7 +429,8 @@ def template_probe(tok: TextTokenizer) -> TemplateProbe:
     Raises:
         ConfigError: the template cannot render a plain user / assistant conversation.
     """
-    key = (tok.chat_template, tuple(sorted((tok.special_tokens or {}).items())), tok.special_texts)
+    key = (tok.chat_template, tuple(sorted((tok.special_tokens or {}).items())), tok.special_texts,
+           json.dumps(tok.chat_template_kwargs or {}, sort_keys=True))
     if key in _PROBES:
         return _PROBES[key]
     u, a, u2, a2 = "itune probe question", "itune probe answer", "itune probe again", "itune probe reply"

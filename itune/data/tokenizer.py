@@ -58,6 +58,8 @@ class TextTokenizer:
         eos_id: id appended after every trained response; always trained, never treated as padding.
         pad_id: id written into padding positions. Padding is decided by position (labels -100 and its own
             position_ids run), never by comparing token ids, so pad_id == eos_id is safe.
+        chat_template_kwargs: extra variables passed to the chat template (``apply_chat_template(**kwargs)`` in
+            ``transformers``), e.g. ``{"enable_thinking": False}`` for Qwen3 / SmolLM3.
     """
 
     path: Path
@@ -68,6 +70,9 @@ class TextTokenizer:
     _tok: object
     chat_template: str | None = None
     special_tokens: dict = None  # {"bos_token": "<s>", "eos_token": "</s>", ...}: the texts a chat template sees
+    #: extra variables the chat template is rendered with ({"enable_thinking": False}); see
+    #: itune.data.render.check_chat_template_kwargs
+    chat_template_kwargs: dict = field(default_factory=dict)
     _special_texts: tuple | None = field(default=None, repr=False, compare=False)
     _special_re: object = field(default=None, repr=False, compare=False)
     _piece_tables: object = field(default=None, repr=False, compare=False)  # (chars, width, prepend), or False
