@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from itune.errors import ConfigError
+from itune.tracking import report_to_problems
 from itune.yamlio import safe_load_unique
 
 
@@ -193,6 +194,10 @@ class TrainConfig:
         sequence_parallel_size: ranks that share each row, each running ``seq_len / N`` of its positions
             (Ulysses sequence parallelism, :mod:`itune.sequence_parallel`); must divide the world size, seq_len and
             the attention heads. The data-parallel size is ``world_size / N``.
+        report_to: trackers that receive every logged scalar, the run config and the data summary, from rank 0:
+            any of ``tensorboard`` (``output_dir/tensorboard``), ``wandb``, ``mlflow`` (:mod:`itune.tracking`);
+            ``[]`` for ``metrics.jsonl`` only.
+        run_name: the run's name in W&B and MLflow (default: the name of ``output_dir``).
     """
 
     micro_batch_size: int = 1
@@ -213,6 +218,8 @@ class TrainConfig:
     tiled_loss: bool = True
     loss_tile_tokens: int = 1024
     sequence_parallel_size: int = 1
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    run_name: str | None = None
 
 
 @dataclass
@@ -415,6 +422,7 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append(f"optim.schedule: {cfg.optim.schedule!r} is not one of cosine, linear, constant")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         e.append(f"model.dtype: {cfg.model.dtype!r} is not one of auto, bf16, fp32")
+    e.extend(report_to_problems(cfg.train.report_to))
     if cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
         e.append(f"model.attn_implementation: {cfg.model.attn_implementation!r} is not one of "
                  f"{', '.join(ATTN_IMPLEMENTATIONS)}")

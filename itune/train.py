@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from itune import __version__, checkpoint, dist, sequence_parallel
+from itune import __version__, checkpoint, dist, sequence_parallel, tracking
 from itune.comm import close_distributed, exit_process, init_distributed
 from itune.config import BatchPlan, RunConfig, to_dict
 from itune.data import shards
@@ -39,18 +39,37 @@ POSITION_IDS = Isolation(("position_ids",))
 
 
 class RankZeroLog:
-    """Console + TensorBoard + ``metrics.jsonl`` on rank 0; a no-op on every other rank."""
+    """Console + ``metrics.jsonl`` + the trackers of ``train.report_to`` (:mod:`itune.tracking`) on rank 0; a
+    no-op on every other rank."""
 
     def __init__(self, rank: int, out_dir: Path):
         self.on = rank == 0
-        self.tb = None
+        self.out_dir = out_dir
+        self.trackers = None
         self.metrics = None
         if self.on:
             out_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             self.metrics = open(out_dir / "metrics.jsonl", "a")
+
+    def start_trackers(self, cfg: RunConfig, manifest: dict) -> None:
+        """Starts the trackers on rank 0 with the run config and the data summary; every rank must call it.
+
+        Raises:
+            ConfigError: on every rank, the same line, when a tracker cannot start.
+        """
+        err = None
+        if self.on:
+            try:
+                self.trackers = tracking.Trackers(cfg.train.report_to, self.out_dir, cfg.train.run_name,
+                                                  to_dict(cfg), tracking.data_summary(cfg.data.path, manifest))
+            except ConfigError as e:
+                err = str(e)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            box = [err]
+            tdist.broadcast_object_list(box, src=0)
+            err = box[0]
+        if err:
+            raise ConfigError(err)
 
     def print(self, *a):
         if self.on:
@@ -60,14 +79,15 @@ class RankZeroLog:
     def scalars(self, step: int, values: dict, kind: str = "train"):
         if not self.on:
             return
-        for k, v in values.items():
-            self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, {f"{kind}/{k}": v for k, v in values.items()})
         self.metrics.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.metrics.flush()
 
-    def close(self):
+    def close(self, status: str = "FINISHED"):
         if self.on:
-            self.tb.close()
+            if self.trackers is not None:
+                self.trackers.close(status)
             self.metrics.close()
 
 
@@ -448,6 +468,7 @@ def setup(cfg: RunConfig) -> Setup:
     tokenizer_dir = check_data(cfg, manifest)
     if cfg.data.verify_checksums:
         verify_checksums(cfg, manifest, rank, world)
+    log.start_trackers(cfg, manifest)  # before the model: a tracker that cannot start stops the run here
     seq_len, pad_id = manifest["seq_len"], manifest["tokenizer"]["pad_id"]
     train_rows = PackedRows(shards.open_split(cfg.data.path, cfg.data.train_split), seq_len, pad_id)
     if len(train_rows) == 0:
@@ -842,7 +863,7 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
             _save(s, done)
             log.print(f"preempted ({preempt.reason or 'another rank'}): checkpoint saved at optimizer step {done}; "
                       f"exiting with {EXIT_PREEMPTED}")
-            log.close()
+            log.close("KILLED")
             close_distributed()
             exit_process(EXIT_PREEMPTED)
     progress.close()

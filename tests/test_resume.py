@@ -23,10 +23,10 @@ def _losses(run):
     return [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
 
 
-def _preempt(cmd, run, after_steps=2, timeout=600):
+def _preempt(cmd, run, after_steps=2, timeout=600, env=None):
     """Starts a training launcher, waits for `after_steps` logged steps, sends SIGUSR1 to every rank."""
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run / "losses.jsonl").exists() and len(_losses(run)) >= after_steps:
@@ -52,17 +52,42 @@ def prepared(tmp_path_factory, superni_data):
 
 
 def test_preempted_run_resumes_with_identical_losses(prepared):
+    """... with every tracker on (train.report_to): rank 0 alone logs, and the resumed launch continues the same W&B
+    (offline) and MLflow (file store) runs, whose values are those of metrics.jsonl."""
     tmp, data, ref = prepared
     run = tmp / "preempted"
-    cmd = deepspeed_cmd(2, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}")
-    rc, out = _preempt(cmd, run)
+    cmd = deepspeed_cmd(2, "launcher/train.py", *COMMON, f"output_dir={run}", f"data.path={data}",
+                        "train.report_to=[tensorboard,wandb,mlflow]")
+    env = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "", "WANDB_PROJECT": ""}
+    rc, out = _preempt(cmd, run, env=env)
     assert rc == EXIT_PREEMPTED, out[-3000:]
     saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
     assert 2 <= saved < STEPS and "preempted (SIGUSR1): checkpoint saved" in out
     shutil.copytree(run, tmp / "preempted_copy")  # for the world-size test below
-    out = run_cmd(cmd).stdout
+    out = run_cmd(cmd, env=env).stdout
     assert f"resumed from {run / 'checkpoints' / f'global_step{saved}'}" in out
     assert _losses(run) == ref  # exactly equal, step by step
+
+    from tests.test_tracking import mlflow_run, wandb_runs
+
+    logged = {}  # step -> the train scalars of metrics.jsonl (a redone step: its last values)
+    for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        if m["kind"] == "train":
+            logged[m["step"]] = {f"train/{k}": v for k, v in m.items() if k not in ("kind", "step")
+                                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    wb = wandb_runs(run)
+    assert len(wb) == 2 and wb[0]["id"] == wb[1]["id"]  # one run per launch (rank 0 only), the same W&B run
+    history = {**wb[0]["history"], **wb[1]["history"]}
+    assert {s: {k: v for k, v in h.items() if k.startswith("train/")} for s, h in history.items()} == logged
+    assert wb[0]["config"]["run"]["train"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert wb[0]["config"]["data"]["splits"]["train"]["rows"] == \
+        json.loads((data / "manifest.json").read_text())["splits"]["train"]["rows"]
+    ids = json.loads((run / "trackers.json").read_text())
+    assert ids["wandb"] == wb[0]["id"]
+    ml, metric = mlflow_run(run, ids["mlflow"])
+    assert ml.info.status == "FINISHED" and ml.data.params["run.train.micro_batch_size"] == "2"
+    assert dict(metric("train/loss")) == {s: v["train/loss"] for s, v in logged.items()}  # (last value per step)
 
 
 def test_resume_on_one_rank_from_two(prepared):
