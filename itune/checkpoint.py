@@ -116,10 +116,22 @@ def drop_tied_aliases(model, state_dict: dict) -> dict:
     return {k: kept[k] for k in state_dict if k in kept}
 
 
+def hub_layout(model, state_dict: dict) -> dict:
+    """``state_dict`` in the layout of the family's published checkpoints, as ``save_pretrained`` writes it
+    (``save_original_format``): transformers loads some families into fused modules (Mixtral's per-expert
+    ``block_sparse_moe.experts.N.w1/w2/w3`` become ``mlp.experts.gate_up_proj`` / ``down_proj``) and reverts that
+    on save (``transformers.core_model_loading.revert_weight_conversion``), so the export also loads in tools that
+    read the published layout. Unchanged for a family without such a conversion."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state_dict)
+
+
 def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_dir: Path) -> None:
     """Writes safetensors weights, config, generation config and tokenizer files to ``out_dir`` (rank 0 only).
 
-    Tied weights are written once (:func:`drop_tied_aliases`); ``config.json`` keeps ``tie_word_embeddings``.
+    Tied weights are written once (:func:`drop_tied_aliases`); ``config.json`` keeps ``tie_word_embeddings``;
+    the tensors are named and shaped as the family's published checkpoints (:func:`hub_layout`).
 
     Raises:
         RuntimeError: a tensor is empty or its shape differs from the model's (the ZeRO-3 "empty export" bug,
@@ -137,7 +149,7 @@ def write_export(model, state_dict: dict, hf_config, tokenizer_dir: Path, out_di
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in drop_tied_aliases(model, state_dict).items()},
+    save_file({k: v.contiguous() for k, v in hub_layout(model, drop_tied_aliases(model, state_dict)).items()},
               str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     import copy

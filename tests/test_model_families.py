@@ -106,6 +106,9 @@ def test_family_trains_from_its_checkpoint(matrix, family):
 
     with safe_open(str(export / "model.safetensors"), "pt") as f:
         assert ("lm_head.weight" in f.keys()) == (not tied) or family == "gpt_neox"
+        exported_names = set(f.keys())
+    with safe_open(str(matrix["zoo"] / family / "model.safetensors"), "pt") as f:
+        assert exported_names == set(f.keys())  # the published layout (Mixtral's per-expert w1/w2/w3, ...)
 
 
 def test_moe_families_log_their_router_aux_loss(matrix):
