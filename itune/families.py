@@ -508,9 +508,12 @@ class RouterAux:
 
 
 def router_aux(model) -> RouterAux | None:
-    """The model's router auxiliary loss, or None for a dense model or a coefficient of 0."""
+    """The model's router auxiliary loss, or None for a dense model or a coefficient of 0. A PEFT model (LoRA) is
+    read through its base model, whose family class defines the loss."""
     import sys
 
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     coef = getattr(model, "router_aux_loss_coef", None)
     fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
     n = getattr(model, "num_experts", None)

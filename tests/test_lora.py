@@ -115,3 +115,86 @@ def test_export_resume_and_adapter(tmp_path, base, superni_data):
     assert "saved with 2 ranks, now 1" in out
     assert [x["step"] for x in _losses(one)] == [x["step"] for x in _losses(ref)]
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(_losses(one), _losses(ref)))
+
+
+@pytest.fixture(scope="module")
+def moe_base(tmp_path_factory):
+    return build_checkpoint("mixtral", tmp_path_factory.mktemp("lora_moe") / "mixtral")
+
+
+def test_lora_on_moe_gradients_with_the_router_aux_loss(tmp_path, moe_base, superni_data):
+    """LoRA on a MoE checkpoint (Mixtral: fused expert weights, adapted through PEFT's parameter wrappers, and the
+    router) under ZeRO-3 on 2 ranks: the adapters' gradients equal one process computing
+    ``sum CE / N + c x sum_m (T_m / T) x aux_m`` on the same rows; the router aux loss is kept with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from itune.config import BatchPlan
+    from itune.families import router_aux
+    from itune.loader import step_row_ids
+    from itune.loss import count_targets, sum_cross_entropy
+
+    data = superni_data(256)
+    f = tmp_path / "g.pt"
+    run_cmd(deepspeed_cmd(2, "tests/scripts/grad_split.py", str(f), f"model.pretrained={moe_base}", *LORA,
+                          f"data.path={data}", f"output_dir={tmp_path / 'run'}", "train.micro_batch_size=1",
+                          "train.progress_bar=false"))
+    got = torch.load(f, weights_only=True)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(moe_base, dtype=torch.float32),
+                       LoraSettings(r=4, alpha=8), seed=0)
+    model.train()
+    aux = router_aux(model)
+    assert aux is not None and aux.coef == 0.02
+    manifest = shards.read_manifest(data)
+    rows = PackedRows(shards.open_split(data, "train"), manifest["seq_len"], manifest["tokenizer"]["pad_id"])
+    plan = BatchPlan(len(rows), manifest["seq_len"], 1, 1, 2, 1, None)
+    batches = [rows.rows(step_row_ids(plan, 0, 0, 0, r)[0]) for r in range(2)]
+    n = sum(count_targets(b.labels, b.position_ids) for b in batches)
+    t = sum(b.real_tokens for b in batches)
+    objective, aux_value = 0.0, 0.0
+    for b in batches:
+        with aux.capture(model) as router_logits:
+            logits = model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False).logits
+        a = aux.loss(router_logits, b.real_mask)
+        objective = objective + sum_cross_entropy(logits, b.labels, b.position_ids) / n + aux.coef * (
+            b.real_tokens / t) * a
+        aux_value += float(a) * b.real_tokens / t
+    objective.backward()
+    assert abs(got["aux_loss"] - aux_value) < 1e-5
+    ref = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert ref.keys() == got["grads"].keys()
+    adapted = {name.split(".lora_")[0].split("layers.0.")[-1] for name in ref if "layers.0." in name}
+    assert adapted == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate", "mlp.experts", "mlp.experts.base_layer"}  # experts' fused weights included
+    for name, g in ref.items():
+        assert torch.allclose(got["grads"][name], g, rtol=1e-4, atol=1e-7), name
+    assert any(float(got["grads"][k].abs().sum()) > 0 for k in got["grads"] if "experts" in k and "lora_B" in k)
+
+
+def test_lora_on_moe_export_merges_exactly(tmp_path, moe_base, superni_data):
+    """Trained LoRA on Mixtral under ZeRO-3: the verified merged export and base + PEFT adapter give the same
+    logits, and the merge changed the experts' fused weights."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    out = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", *LORA,
+                                f"model.pretrained={moe_base}", f"data.path={superni_data(256)}",
+                                f"output_dir={run}", "train.max_steps=2", "train.progress_bar=false",
+                                "optim.lr=1e-2")).stdout
+    assert "trainable (LoRA r=4)" in out and "router aux loss x 0.02" in out
+    losses = _losses(run)
+    assert len(losses) == 2 and all(x["aux_loss"] > 0 for x in losses)
+    export = run / "export"
+    assert json.loads((export / "export_check.json").read_text())["abs_diff"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe_base, dtype=torch.float32),
+                                             export / "adapter")
+    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5
+    before, after = load_file(moe_base / "model.safetensors"), load_file(export / "model.safetensors")
+    assert before.keys() == after.keys()  # the published layout: block_sparse_moe.experts.N.w1 / w2 / w3
+    experts = [k for k in before if ".experts." in k]
+    assert len(experts) == 2 * 4 * 3 and all(not torch.equal(before[k], after[k]) for k in experts)
