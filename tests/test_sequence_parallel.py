@@ -1,6 +1,8 @@
 """Ulysses sequence parallelism on packed rows (train.sequence_parallel_size): 2 ranks sharing each row equal one
 process computing whole rows, loss and gathered gradients, with examples that straddle the shard boundary."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -59,6 +61,16 @@ def test_preempted_sp_run_resumes_with_identical_losses(tmp_path, superni_data):
     assert rc == EXIT_PREEMPTED, out[-3000:]
     saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
     assert 2 <= saved < STEPS
+    shutil.copytree(run, tmp_path / "one_rank")
     out = run_cmd(cmd).stdout
     assert f"resumed from {run / 'checkpoints' / f'global_step{saved}'}" in out
     assert _losses(run) == _losses(ref)  # exactly equal, step by step
+    # the SP=2 checkpoint resumed on 1 rank without SP (DeepSpeed's universal checkpoint; the same rows per step:
+    # one data-parallel group either way)
+    one = tmp_path / "one_rank"
+    out = run_cmd(deepspeed_cmd(1, "launcher/train.py", *COMMON, f"data.path={data}", f"output_dir={one}")).stdout
+    assert "saved with 2 ranks, now 1" in out
+    got, want = _losses(one), _losses(ref)
+    assert [x["step"] for x in got] == [x["step"] for x in want] and got[:saved] == want[:saved]
+    assert abs(got[saved]["loss"] - want[saved]["loss"]) < 1e-5  # the restored weights, seen without SP
+    assert all(abs(a["loss"] - b["loss"]) < 1e-2 for a, b in zip(got[saved:], want[saved:]))
