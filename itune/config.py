@@ -191,6 +191,9 @@ class TrainConfig:
             32k vocabulary); the same loss and gradients (:func:`itune.loss.tiled_sum_cross_entropy`). Proven on the
             loaded model at start; a model it does not fit falls back to the full logits, saying so.
         loss_tile_tokens: trained positions per tile of the tiled loss (one tile's fp32 logits live at once).
+        liger_loss: the tiled loss through Liger's fused linear cross-entropy (CUDA and the liger-kernel package;
+            refused before the model is built otherwise): proven on the loaded model at start like the tiled loss,
+            falling back to itune's kernel, saying so, where it disagrees.
         sequence_parallel_size: ranks that share each row, each running ``seq_len / N`` of its positions
             (Ulysses sequence parallelism, :mod:`itune.sequence_parallel`); must divide the world size, seq_len and
             the attention heads. The data-parallel size is ``world_size / N``.
@@ -217,6 +220,7 @@ class TrainConfig:
     orphan_timeout_s: float = 300.0
     tiled_loss: bool = True
     loss_tile_tokens: int = 1024
+    liger_loss: bool = False
     sequence_parallel_size: int = 1
     report_to: list = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None

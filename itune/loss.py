@@ -8,6 +8,9 @@ data-parallel ranks, so each micro-batch backpropagates ``sum_CE x accumulation 
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -140,7 +143,50 @@ class HiddenCapture:
         return False
 
 
-def tiled_sum_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+#: the kernels of the tiled loss: itune's (:class:`_TiledCrossEntropy`, any device) and Liger's fused linear
+#: cross-entropy (``liger_kernel``, Triton: CUDA only; ``train.liger_loss``)
+LOSS_KERNELS = ("itune", "liger")
+
+
+def liger_loss_problems(liger_loss: bool, tiled_loss: bool, cuda: bool, find_spec=importlib.util.find_spec) -> list:
+    """Why ``train.liger_loss`` cannot run here (empty when it can or is off): it replaces the tiled loss, so
+    needs ``train.tiled_loss``; its Triton kernels need CUDA; it needs the ``liger-kernel`` package."""
+    if not liger_loss:
+        return []
+    e = []
+    if not tiled_loss:
+        e.append("train.liger_loss: Liger's fused linear cross-entropy replaces the tiled loss; set "
+                 "train.tiled_loss=true (or remove train.liger_loss)")
+    if not cuda:
+        e.append("train.liger_loss: Liger's fused linear cross-entropy runs Triton kernels on CUDA and this machine "
+                 "has no CUDA device; remove train.liger_loss (itune's tiled loss, the default, runs anywhere)")
+    elif find_spec("liger_kernel") is None:
+        e.append("train.liger_loss: needs the liger-kernel package (pip install liger-kernel)")
+    return e
+
+
+def _liger_forward(model, head, t: torch.Tensor):
+    """``lm_head``'s forward computing Liger's fused linear cross-entropy (sum over ``t``), or TypeError for a
+    family whose logits Liger cannot reproduce (Granite's ``logits_scaling``, Cohere's ``logit_scale``)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if getattr(cfg, "logits_scaling", None) not in (None, 1) or (
+            isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1):
+        raise TypeError("Liger's fused loss has no logits scaling (logits_scaling / logit_scale)")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as flce
+
+    kw = dict(ignore_index=IGNORE_INDEX, reduction="sum", softcap=getattr(cfg, "final_logit_softcapping", None) or None)
+    if "accum_dtype" in inspect.signature(flce).parameters:
+        kw["accum_dtype"] = torch.float32  # the weight gradient accumulated in fp32 over the chunks, as itune's
+
+    def forward(x):
+        return flce(x.contiguous(), head.weight, t, **kw).float()
+
+    return forward
+
+
+def tiled_sum_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, tile_tokens: int,
+                            kernel: str = "itune") -> torch.Tensor:
     """The summed cross-entropy of ``targets`` from the final hidden states, over tiles of ``tile_tokens``
     positions (the ALST paper's tiled loss, arXiv 2506.13996).
 
@@ -158,9 +204,15 @@ def tiled_sum_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, 
         hidden: [batch, seq, hidden] final hidden states (the decoder's output).
         targets: [batch, seq] int64, what each position predicts (:func:`aligned_targets`), -100 where nothing.
         tile_tokens: positions per tile (>= 1).
+        kernel: ``itune`` (above) or ``liger``: Liger's ``liger_fused_linear_cross_entropy`` (reduction ``sum``,
+            Gemma's soft-cap passed on; it chunks the positions itself and computes the gradients in its
+            forward), run as ``lm_head``'s forward in the same way.
 
     Returns:
         a scalar: the summed cross-entropy of the trained targets.
+
+    Raises:
+        TypeError: an ``lm_head`` with a bias; for ``liger``, a family with logits scaling.
     """
     head = model.get_output_embeddings()
     flat = targets.reshape(-1)
@@ -176,7 +228,9 @@ def tiled_sum_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, 
 
     if getattr(head, "bias", None) is not None:
         raise TypeError("an lm_head with a bias")
-    head.forward = tiled_forward
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"unknown loss kernel {kernel!r}; choose one of {LOSS_KERNELS}")
+    head.forward = tiled_forward if kernel == "itune" else _liger_forward(model, head, t)
     try:
         return head(h)
     finally:
@@ -184,7 +238,7 @@ def tiled_sum_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor, 
 
 
 def packed_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, isolation,
-                    tile_tokens: int | None = None, sp=None) -> torch.Tensor:
+                    tile_tokens: int | None = None, sp=None, kernel: str = "itune") -> torch.Tensor:
     """Summed cross-entropy of a packed micro-batch ([batch, seq_len] inputs) through ``model`` (a DeepSpeed
     engine or a Hugging Face causal LM) with the isolation method's arguments.
 
@@ -192,7 +246,7 @@ def packed_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, 
     only, ``logits_to_keep=1``, and the decoder's output is taken by :class:`HiddenCapture`); None: from the full
     logits. ``sp`` (:class:`itune.sequence_parallel.SequenceParallel`): the targets are shifted on the whole rows,
     then this rank's shard of inputs, positions and targets goes through the model: the sum over the SP group is
-    the rows' sum.
+    the rows' sum. ``kernel``: the tiled loss's kernel (:data:`LOSS_KERNELS`).
     """
     from itune.families import forward_packed
 
@@ -207,13 +261,14 @@ def packed_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, 
     with HiddenCapture(module) as got:
         forward_packed(model, input_ids, position_ids, isolation, logits_to_keep=1)
     hidden = got[-1].reshape(*input_ids.shape, -1)  # a flattened batch (varlen isolation) back to [batch, seq]
-    return tiled_sum_cross_entropy(module, hidden, targets, tile_tokens)
+    return tiled_sum_cross_entropy(module, hidden, targets, tile_tokens, kernel)
 
 
-def check_tiled_loss(model, isolation, vocab: int, tile_tokens: int, tol: float = 1e-4) -> str | None:
-    """Proves the tiled loss on the loaded model: the summed cross-entropy of a probe row of 3 packed examples
-    ([1, 56] tokens, tiles of 16 so that it spans 4) through :func:`packed_loss_sum` tiled and from the full
-    logits must agree within ``tol`` relative. Runs on every rank (under ZeRO-3 every rank must).
+def check_tiled_loss(model, isolation, vocab: int, tile_tokens: int, tol: float = 1e-4,
+                     kernel: str = "itune") -> str | None:
+    """Proves the tiled loss (with ``kernel``) on the loaded model: the summed cross-entropy of a probe row of 3
+    packed examples ([1, 56] tokens, tiles of 16 so that it spans 4) through :func:`packed_loss_sum` tiled and from
+    the full logits must agree within ``tol`` relative. Runs on every rank (under ZeRO-3 every rank must).
 
     Returns:
         None when they agree, else why not (the model has no separate decoder, does not take ``logits_to_keep``,
@@ -226,8 +281,9 @@ def check_tiled_loss(model, isolation, vocab: int, tile_tokens: int, tol: float 
     try:
         with torch.no_grad():
             full = float(packed_loss_sum(model, row, position_ids, labels, isolation, None))
-            tiled = float(packed_loss_sum(model, row, position_ids, labels, isolation, min(16, tile_tokens)))
-    except (TypeError, ValueError, AttributeError) as e:
+            tiled = float(packed_loss_sum(model, row, position_ids, labels, isolation, min(16, tile_tokens),
+                                          kernel=kernel))
+    except (TypeError, ValueError, AttributeError, ImportError) as e:
         return f"{type(e).__name__}: {str(e)[:200]}"
     if not abs(tiled - full) <= tol * max(1.0, abs(full)):
         return f"tiled {tiled:.6f} vs full logits {full:.6f} on a probe row"

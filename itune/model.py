@@ -115,6 +115,9 @@ def check_model_config(cfg: RunConfig) -> list[str]:
         if isinstance(lora.alpha, (int, float)) and not lora.alpha > 0:
             e.append(f"model.lora.alpha: {lora.alpha}: must be > 0")
     e += quantization_problems(cfg, torch.cuda.is_available())
+    from itune.loss import liger_loss_problems
+
+    e += liger_loss_problems(cfg.train.liger_loss, cfg.train.tiled_loss, torch.cuda.is_available())
     if cfg.model.activation_offload and not torch.cuda.is_available():
         e.append("model.activation_offload: moves activations from GPU to CPU memory, and this machine has no CUDA "
                  "device; set model.activation_offload=false")

@@ -196,6 +196,26 @@ def evaluate_loss(engine, rows: PackedRows, rank: int, world: int, micro: int,
     return (total / count if count else float("nan")), count
 
 
+def choose_loss(model, isolation, vocab: int, tile_tokens: int, liger: bool) -> tuple[int | None, str, list]:
+    """The training loss: tiled with Liger's kernel (``liger``) or itune's, each proven on the loaded model
+    (:func:`itune.loss.check_tiled_loss`), else from the full logits. Every rank must call it (ZeRO-3).
+
+    Returns:
+        ``(tile_tokens or None for the full logits, kernel, the lines to print)``.
+    """
+    lines = []
+    for kernel in (("liger", "itune") if liger else ("itune",)):
+        why = check_tiled_loss(model, isolation, vocab, tile_tokens, kernel=kernel)
+        if why is None:
+            name = "Liger's fused linear cross-entropy (train.liger_loss)" if kernel == "liger" else \
+                f"{tile_tokens} positions per tile (train.loss_tile_tokens)"
+            return tile_tokens, kernel, lines + [f"loss: tiled, {name}"]
+        lines.append(f"loss: Liger's fused linear cross-entropy does not fit this model ({why}); using itune's "
+                     "tiled loss" if kernel == "liger" else
+                     f"loss: from the full logits: the tiled loss does not fit this model ({why})")
+    return None, "itune", lines
+
+
 def fixed_batch_loss(model_fn, rows: PackedRows, n: int = 2, isolation: Isolation = POSITION_IDS,
                      tile_tokens: int | None = None) -> float:
     """Loss of rows 0..n-1 (sum CE / trained tokens): compares the engine with its export."""
@@ -276,6 +296,7 @@ class Setup:
     probe: dict | None = None  # the isolation probe's result (start-up log, train_summary.json)
     aux: RouterAux | None = None  # the router load-balancing loss of a MoE model
     loss_tile_tokens: int | None = None  # the tiled loss's positions per tile; None: from the full logits
+    loss_kernel: str = "itune"  # the tiled loss's kernel (itune.loss.LOSS_KERNELS)
     sp: "sequence_parallel.SequenceParallel | None" = None  # this rank's place in sequence parallelism
     model_info: dict = field(default_factory=dict)  # family, attention, tied embeddings, MoE leaf modules
     skipped_at: list = field(default_factory=list)  # optimizer steps skipped as non-finite (1-based), resumes included
@@ -557,16 +578,16 @@ def setup(cfg: RunConfig) -> Setup:
         raise ConfigError(f"train.sequence_parallel_size {sp_size}: this model keeps packed examples apart with "
                           f"{probe['isolation'].name}, which the sequence-parallel attention does not carry; use "
                           "train.sequence_parallel_size=1 (or unpacked data: itune-data prepare --no-pack)")
-    tile = None
+    tile, kernel = None, "itune"
     if cfg.train.tiled_loss:
-        why = check_tiled_loss(engine, probe["isolation"], min(rows, manifest["tokenizer"]["vocab_size"]),
-                               cfg.train.loss_tile_tokens)
-        tile = cfg.train.loss_tile_tokens if why is None else None
-        log.print(f"loss: tiled, {tile} positions per tile (train.loss_tile_tokens)" if why is None else
-                  f"loss: from the full logits: the tiled loss does not fit this model ({why})")
+        tile, kernel, lines = choose_loss(engine, probe["isolation"], min(rows, manifest["tokenizer"]["vocab_size"]),
+                                          cfg.train.loss_tile_tokens, cfg.train.liger_loss)
+        for line in lines:
+            log.print(line)
     else:
         log.print("loss: from the full logits (train.tiled_loss=false)")
     model_info["loss_tile_tokens"] = tile
+    model_info["loss_kernel"] = kernel if tile else None
     model_info["sequence_parallel_size"] = sp_size
     if sp is not None:
         engine.train()
@@ -585,7 +606,7 @@ def setup(cfg: RunConfig) -> Setup:
     return Setup(cfg, env, rank, world, engine, scheduler, plan, train_rows, eval_rows, hf_config, tokenizer_dir,
                  out, ckpt_dir, resume_state, log, keepalive, vocab_resize, isolation=probe["isolation"],
                  probe={k: v for k, v in probe.items() if k != "isolation"}, aux=aux, model_info=model_info,
-                 loss_tile_tokens=tile, sp=sp,
+                 loss_tile_tokens=tile, loss_kernel=kernel, sp=sp,
                  lock=lock)
 
 
@@ -623,7 +644,7 @@ class StepResult:
 
 def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
                isolation: Isolation = POSITION_IDS, aux: RouterAux | None = None,
-               tile_tokens: int | None = None, sp=None) -> StepResult:
+               tile_tokens: int | None = None, sp=None, kernel: str = "itune") -> StepResult:
     """One optimizer step over this rank's micro-batches (forward, backward, DeepSpeed step per micro-batch).
 
     Each micro-batch backpropagates ``sum_CE x accumulation x world / N`` with N the global count of trained
@@ -654,6 +675,7 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
             from the full logits.
         sp: sequence parallelism (:class:`itune.sequence_parallel.SequenceParallel`): each rank computes its shard
             of the rows; token counts and sums are of the shards, so every trained token counts once.
+        kernel: the tiled loss's kernel (:data:`itune.loss.LOSS_KERNELS`).
     """
     gas = len(batches)
     rank = tdist.get_rank()
@@ -669,7 +691,7 @@ def train_step(engine, batches: list, world: int, before_optimizer_step=None, *,
     for i, b in enumerate(batches):
         with aux.capture(engine.module) if aux is not None else contextlib.nullcontext([]) as router_logits, \
                 torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            s = packed_loss_sum(engine, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens, sp)
+            s = packed_loss_sum(engine, b.input_ids, b.position_ids, b.labels, isolation, tile_tokens, sp, kernel)
         objective = s * scale
         if aux is not None and reals[i] > 0:
             a = aux.loss(router_logits, b.real_mask if sp is None else sp.shard(b.real_mask))
@@ -816,6 +838,7 @@ def run(cfg: RunConfig, launcher: list | None = None) -> dict:
         batches = [s.train_rows.rows(ids) for ids in step_row_ids(plan, cfg.train.seed, epoch, step_in_epoch, dp_rank)]
         lr = s.scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler steps inside engine.step)
         r = train_step(engine, batches, s.world, isolation=s.isolation, aux=s.aux, tile_tokens=s.loss_tile_tokens,
+                       kernel=s.loss_kernel,
                        sp=s.sp)
         done = step + 1
         skipped = check_nonfinite(r, done, s.world, s.skipped_at, cfg.train.skip_nonfinite_steps, s.ckpt_dir)

@@ -41,7 +41,7 @@ def main():
     rows = [None] * s.world
     torch.distributed.all_gather_object(rows, [b.row_ids for b in batches])
     r = train_step(s.engine, batches, s.world, before_optimizer_step=grab, isolation=s.isolation, aux=s.aux,
-                   tile_tokens=s.loss_tile_tokens, sp=s.sp)
+                   tile_tokens=s.loss_tile_tokens, sp=s.sp, kernel=s.loss_kernel)
     if s.rank == 0:
         torch.save({"loss": r.loss, "target_tokens": r.target_tokens, "aux_loss": r.aux_loss, "grads": grads,
                     "isolation": s.isolation.name, "loss_tile_tokens": s.loss_tile_tokens,
