@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -64,8 +65,15 @@ def test_superni_eval_set_does_not_depend_on_seq_len(tmp_path):
 def test_duplicate_heldout_ids_are_refused(tmp_path):
     f = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "completion": "c", "cat": "t1"},
                                       {"id": "a", "prompt": "q", "completion": "d", "cat": "t1"}])
-    with pytest.raises(ConfigError, match=r"held-out instances share ids \['a'\]"):
+    with pytest.raises(ConfigError) as e:
         prepare_sources(_opts(tmp_path / "o", [f], task_field="cat", heldout_tasks=["t1"]))
+    assert str(e.value) == (f"held-out instances share ids (1 ids in all; 'a' at {f}:1; 'a' at {f}:2); scores are "
+                            "matched by id, so give every record (every instance of a nested record) a unique 'id' "
+                            "field")
+    nested = _jsonl(tmp_path / "n.jsonl", [{"name": "t1", "instruction": "Add.", "instances": [
+        {"id": "x", "input": "1+1", "output": "2"}, {"id": "x", "input": "2+2", "output": "4"}]}])
+    with pytest.raises(ConfigError, match=re.escape(f"'x' at {nested}:1 instances[0]; 'x' at {nested}:1 instances[1])")):
+        prepare_sources(_opts(tmp_path / "o2", [nested], heldout_tasks=["t1"]))
 
 
 @pytest.mark.parametrize("kw, message", [

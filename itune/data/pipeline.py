@@ -301,7 +301,7 @@ def _process_chunk(job) -> dict:
         if ex.task in heldout:  # evaluation instances do not depend on fitting the training rows (seq_len)
             res["eval"].append({"id": ex.id, "task_id": ex.task, "task_category": ex.category or ex.task,
                                 "track": "default", "references": ex.references,
-                                "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k})
+                                "prompt_ids": render_prompt(ex, tok, spec.template), "_chunk": k, "_loc": loc})
         if reason is not None:
             reject(loc, ex, reason, _REJECT_HINTS.get(reason, "").format(seq_len=plan.seq_len,
                                                                           overflow=plan.overflow))
@@ -865,10 +865,12 @@ def _merge(out_dir: Path, plan: PipelinePlan, summaries: list[dict], keep_slices
                                    plan.max_eval_instances_per_task)
             dup = sorted(k for k, v in Counter(x["id"] for x in recs).items() if v > 1)
             if dup:
-                where = sorted({x["task_id"] for x in recs if x["id"] in set(dup)})
-                raise ConfigError(f"held-out instances share ids {dup[:10]} ({len(dup)} in all; tasks "
-                                  f"{where[:10]}); scores are matched by id, so give every record (every instance of "
-                                  "a nested record) a unique 'id' field")
+                where = [f"{x['id']!r} at {x['_loc']}" for x in recs if x["id"] in set(dup[:3])]
+                raise ConfigError(f"held-out instances share ids ({len(dup)} ids in all; {'; '.join(where[:6])}); "
+                                  "scores are matched by id, so give every record (every instance of a nested record) "
+                                  "a unique 'id' field")
+            for x in recs:
+                del x["_loc"]
             atomic_write_text(out_dir / "test_eval.jsonl",
                               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
             info.update(eval_file="test_eval.jsonl", eval_instances=len(recs),
