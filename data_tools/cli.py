@@ -113,6 +113,9 @@ def _print_sources(m: dict, out) -> int:
                  f"examples written" if s.get("weight", 1.0) != 1.0 or m["mixture"]["max_per_task"] else ""))
         for line in source_note_lines(s):
             print(f"  {line}")
+    for k, where in (m.get("chat_template_kwargs_effects") or {}).items():
+        note = " (the training text lacks what the held-out prompts have)" if where == "prompts only" else ""
+        print(f"chat template variable {k}={m['chat_template_kwargs'][k]!r}: changes {where}{note}")
     return _print_splits(m, out)
 
 

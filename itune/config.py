@@ -222,7 +222,7 @@ class TrainConfig:
     loss_tile_tokens: int = 1024
     liger_loss: bool = False
     sequence_parallel_size: int = 1
-    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    report_to: list | str = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None
 
 
@@ -268,6 +268,11 @@ def _coerce(value, typ, where, errors):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
             return None
+        for a in args[1:]:  # a union of plain types (list | str): a value of any of them is kept as given
+            plain = typing.get_origin(a) or a
+            if plain in (int, float, str, bool, dict, list) and isinstance(value, plain) and \
+                    not (plain is int and isinstance(value, bool)):
+                return value
         return _coerce(value, args[0], where, errors)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):

@@ -38,9 +38,18 @@ _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "
 IDS_FILE = "trackers.json"
 
 
+def report_to_names(report_to) -> list:
+    """``train.report_to`` as a list: a string is one name (``wandb``), or ``none`` for no tracker, as the
+    Hugging Face Trainer's ``report_to`` accepts it."""
+    if isinstance(report_to, str):
+        return [] if report_to == "none" else [report_to]
+    return report_to
+
+
 def report_to_problems(report_to) -> list[str]:
-    """The problems of a ``train.report_to`` value (a list of :data:`REPORT_TO` names, each at most once; ``[]``
-    logs to ``metrics.jsonl`` only), including a tracker whose package is not installed."""
+    """The problems of a ``train.report_to`` value (a list of :data:`REPORT_TO` names, each at most once, or one
+    name; ``[]`` or ``none`` logs to ``metrics.jsonl`` only), including a tracker whose package is not installed."""
+    report_to = report_to_names(report_to)
     if not isinstance(report_to, list) or not all(isinstance(x, str) for x in report_to):
         return [f"train.report_to: must be a list of names from {', '.join(REPORT_TO)}, got {report_to!r}"]
     out = [f"train.report_to: {x!r} is not one of {', '.join(REPORT_TO)}" for x in report_to if x not in REPORT_TO]
@@ -76,6 +85,21 @@ def data_summary(data_path: str, manifest: dict) -> dict:
                        for name, info in (manifest.get("splits") or {}).items()}}
 
 
+def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Raises ConnectionError at once when nothing answers at the host and port of an ``http(s)://`` tracking URI
+    (MLflow's client would retry with back-off for minutes before failing)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(uri)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {u.hostname}:{port} ({e.strerror or e}); check "
+                              "MLFLOW_TRACKING_URI") from None
+
+
 class Trackers:
     """The trackers of ``report_to`` on rank 0 (a no-op elsewhere: ``on`` False).
 
@@ -93,7 +117,7 @@ class Trackers:
     def __init__(self, names: list, out_dir: Path, run_name: str | None, config: dict, data: dict, on: bool = True):
         self.on = on
         self.out_dir = Path(out_dir)
-        self.names = list(dict.fromkeys(names)) if on else []
+        self.names = list(dict.fromkeys(report_to_names(names))) if on else []
         self.run_name = run_name or self.out_dir.resolve().name
         self.tb = self.wandb_run = self.mlflow = None
         self.warned: set = set()
@@ -108,9 +132,11 @@ class Trackers:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of a third-party start is reported as one line
                 self.close()
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                raise ConfigError(f"train.report_to: {name} could not start ({type(e).__name__}: {first}); fix it "
-                                  f"or remove {name} from train.report_to") from None
+                first = (str(e).strip().splitlines() or [""])[0]
+                first = first if len(first) <= 300 else first[:200] + " ... " + first[-90:]
+                hint = " (WANDB_MODE=offline logs without network or account)" if name == "wandb" else ""
+                raise ConfigError(f"train.report_to: {name} could not start ({type(e).__name__}: {first}){hint}; fix "
+                                  f"it or remove {name} from train.report_to") from None
         if ids:
             ids_path.write_text(json.dumps(ids, indent=1) + "\n")
 
@@ -136,6 +162,8 @@ class Trackers:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.out_dir / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the local store the user chose or ours
+        elif uri.startswith(("http://", "https://")):
+            _check_reachable(uri)
         client = MlflowClient(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "itune"
         exp = client.get_experiment_by_name(name)
@@ -153,6 +181,7 @@ class Trackers:
             client.log_dict(run_id, data, "data_summary.json")
         ids["mlflow"] = run_id
         self.mlflow = (client, run_id, uri)
+        print(f"mlflow: run {run_id} ({self.run_name}) in experiment {name!r} at {uri}", flush=True)
 
     # --- logging ---------------------------------------------------------------------------------------------
     def _failed(self, name: str, e: Exception) -> None:

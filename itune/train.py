@@ -69,7 +69,9 @@ class RankZeroLog:
             tdist.broadcast_object_list(box, src=0)
             err = box[0]
         if err:
-            raise ConfigError(err)
+            e = ConfigError(err)
+            e.every_rank = True  # launcher/train.py prints it once
+            raise e
 
     def print(self, *a):
         if self.on:
@@ -262,8 +264,10 @@ def export_verified(engine, hf_config, tokenizer_dir: Path, export_dir: Path, ro
                  "abs_diff": abs(engine_loss - export_loss), "isolation": isolation.name,
                  "tied_embeddings": _tied(exported)}
         (export_dir / "export_check.json").write_text(json.dumps(check, indent=2))
-        if record is not None:
-            (export_dir / "itune_training.json").write_text(json.dumps(record, indent=2))
+        if record is not None:  # (the adapter with its base is the same trained model: evaluated, it is checked alike)
+            for d in (export_dir, export_dir / "adapter"):
+                if d.is_dir():
+                    (d / "itune_training.json").write_text(json.dumps(record, indent=2))
         if check["abs_diff"] > 1e-4:
             raise RuntimeError(f"export {export_dir} does not reproduce the engine: {check}")
     engine.train()

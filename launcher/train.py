@@ -15,6 +15,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _report(e: Exception) -> None:
+    """``error: ...`` on stderr in one write (lines of ranks writing at once stay whole); an error that every rank
+    raises alike (``every_rank``, e.g. a tracker that rank 0 could not start) is printed by rank 0 only."""
+    if getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
+        return
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     from itune.dist import resolve
     from itune.errors import ItuneError
@@ -34,7 +43,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ItuneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     from itune.comm import close_distributed
     from itune.train import preflight, run
@@ -43,7 +52,7 @@ def main(argv=None) -> int:
         preflight(cfg)
         run(cfg, launcher)
     except ItuneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     close_distributed()
     return 0

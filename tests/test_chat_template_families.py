@@ -171,6 +171,8 @@ def test_chat_template_kwargs_reach_training_text_and_eval_prompts(tmp_path):
 
     plain, off = prep("plain"), prep("off", chat_template_kwargs='{"enable_thinking": false}')
     assert (plain["chat_template_kwargs"], off["chat_template_kwargs"]) == ({}, {"enable_thinking": False})
+    assert off["chat_template_kwargs_effects"] == {"enable_thinking": "conversations and prompts"}
+    assert "chat_template_kwargs_effects" not in plain
     assert plain["template_fingerprint"] != off["template_fingerprint"]
     tok = TextTokenizer.load(tok_dir)
     for out, mode, answer_head in (("plain", "/think", ""), ("off", "/no_think", "<think>\n\n</think>\n")):
@@ -188,8 +190,10 @@ def test_chat_template_kwargs_reach_training_text_and_eval_prompts(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ('{"enable_thinkin": false}', "never reads enable_thinkin (it reads "),
-    ('{"messages": []}', "messages are set by itune itself"),
+    ('{"enable_thinkin": false}', "never reads enable_thinkin (its inputs besides messages and tools: "
+                                  "enable_thinking, python_tools, xml_tools); remove or rename it"),
+    ('{"messages": []}', "messages is set by itune itself"),
+    ('{"enable_thinking": true}', "enable_thinking changes nothing the chat template of "),  # SmolLM3's default
     ('[1]', "must be a JSON object"),
     ("{enable_thinking: false}", "not JSON"),
 ])
@@ -201,6 +205,24 @@ def test_chat_template_kwargs_refused(tmp_path, kwargs, words):
     with pytest.raises(ConfigError, match="--chat-template-kwargs") as e:
         check_chat_template_kwargs(kwargs, tok)
     assert words in str(e.value)
+
+
+def test_chat_template_kwargs_that_change_nothing_written_are_refused(tmp_path):
+    """Mistral v3's template reads loop_messages but sets it itself: refused. It writes system_message only before a
+    final user turn: accepted, and said to change the prompts only (the training text lacks it)."""
+    from itune.data.render import check_chat_template_kwargs, template_kwargs_effects
+    from itune.errors import ConfigError
+    from tests.conftest import MISTRAL
+
+    tok = TextTokenizer.load(MISTRAL)
+    with pytest.raises(ConfigError) as e:
+        check_chat_template_kwargs({"system_message": "Be brief.", "loop_messages": []}, tok)
+    assert str(e.value) == (f"--chat-template-kwargs: loop_messages changes nothing the chat template of {MISTRAL} "
+                            "writes for a user / assistant conversation or its generation prompt; remove it")
+    assert template_kwargs_effects({"system_message": "Be brief."}, tok) == {"system_message": "prompts only"}
+    qwen3 = TextTokenizer.load(build_tokenizer_dir("qwen3", tmp_path / "qwen3"))
+    assert check_chat_template_kwargs('{"enable_thinking": false}', qwen3) == {"enable_thinking": False}
+    assert template_kwargs_effects({"enable_thinking": False}, qwen3) == {"enable_thinking": "prompts only"}
 
 
 def test_chat_template_kwargs_need_the_tokenizer_template(tmp_path):

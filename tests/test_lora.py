@@ -187,6 +187,8 @@ def test_lora_on_moe_export_merges_exactly(tmp_path, moe_base, superni_data):
     assert len(losses) == 2 and all(x["aux_loss"] > 0 for x in losses)
     export = run / "export"
     assert json.loads((export / "export_check.json").read_text())["abs_diff"] <= 1e-4
+    record = json.loads((export / "itune_training.json").read_text())  # what itune-eval's contamination check reads
+    assert record["step"] == 2 and json.loads((export / "adapter" / "itune_training.json").read_text()) == record
     merged = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe_base, dtype=torch.float32),
                                              export / "adapter")

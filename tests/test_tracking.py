@@ -136,8 +136,10 @@ def test_report_to_checked_with_the_config(monkeypatch):
     cfg.train.report_to = ["wandb", "mlflow"]
     assert validate(cfg) == ["train.report_to: wandb needs the wandb package (pip install wandb, or pip install "
                              "'itune[tracking]'), or remove it"]
-    cfg.train.report_to = "wandb"
-    assert validate(cfg) == ["train.report_to: must be a list of names from tensorboard, wandb, mlflow, got 'wandb'"]
+    cfg.train.report_to = "mlflow"  # one name, as the Hugging Face Trainer takes it; "none": no tracker
+    assert validate(cfg) == [] and tracking.report_to_names("none") == []
+    cfg.train.report_to = 3
+    assert validate(cfg) == ["train.report_to: must be a list of names from tensorboard, wandb, mlflow, got 3"]
 
 
 def test_a_tracker_that_cannot_start_is_one_line(tmp_path, offline, monkeypatch):
@@ -147,6 +149,20 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, offline, monkeypatch)
     msg = str(e.value)
     assert msg.startswith("train.report_to: mlflow could not start (") and "\n" not in msg
     assert msg.endswith("fix it or remove mlflow from train.report_to")
+
+
+def test_an_unreachable_tracking_server_fails_at_once(tmp_path, offline, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}/")
+    with pytest.raises(ConfigError) as e:
+        tracking.Trackers(["mlflow"], tmp_path / "run", None, CONFIG, DATA)
+    assert str(e.value) == (f"train.report_to: mlflow could not start (ConnectionError: nothing answers at "
+                            f"127.0.0.1:{port} (Connection refused); check MLFLOW_TRACKING_URI); fix it or remove "
+                            "mlflow from train.report_to")
 
 
 def test_a_tracker_failing_later_is_reported_once_and_dropped(tmp_path, offline, capsys):

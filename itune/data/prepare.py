@@ -475,12 +475,14 @@ def prepare_sources(opts: SourcesOptions) -> dict:
     shard_index, num_shards = slice_from_env(opts.shard_index, opts.num_shards)
     tok = TextTokenizer.load(opts.tokenizer)
     specs = _specs(opts, tok)
+    effects = {}
     if opts.chat_template_kwargs not in (None, {}, ""):
         if not any(s.template == "tokenizer" for s in specs):
             raise ConfigError("--chat-template-kwargs: no source uses the tokenizer's chat template (templates: "
                               f"{', '.join(sorted({s.template for s in specs}))}); use --template tokenizer or "
                               "drop the option")
         tok.chat_template_kwargs = render.check_chat_template_kwargs(opts.chat_template_kwargs, tok)
+        effects = render.template_kwargs_effects(tok.chat_template_kwargs, tok)
     if opts.heldout_tasks and not opts.task_field and not all(s.format in pipeline.NESTED_FORMATS for s in specs):
         raise ConfigError("held-out tasks need --task-field (the record field that names each example's task); "
                           "records of the instances and superni_jsonl formats name their task by name or id")
@@ -494,6 +496,7 @@ def prepare_sources(opts: SourcesOptions) -> dict:
         template_fingerprint=pipeline.template_fingerprint([s.template for s in specs], tok),
         num_slices=num_shards, chunk_records=opts.chunk_records, strict_keys=opts.strict_keys,
         max_instances_per_task=opts.max_instances_per_task, chat_template_kwargs=dict(tok.chat_template_kwargs),
+        extra_manifest={"chat_template_kwargs_effects": effects} if tok.chat_template_kwargs else {},
         source_kind={"kind": "files", "format": opts.format, "fields": opts.fields, "train_on": opts.train_on,
                      "task_field": opts.task_field, "on_error": opts.on_error,
                      "max_bad_fraction": opts.max_bad_fraction})

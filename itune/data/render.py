@@ -337,12 +337,14 @@ def check_chat_template_kwargs(kwargs, tok: TextTokenizer, setting: str = "--cha
     """Checks the extra chat-template variables ``kwargs`` (a JSON object, e.g. ``{"enable_thinking": false}``)
     against ``tok``'s chat template and returns them as a dict.
 
-    A variable the template never reads would be ignored without a word, so it is refused, as are the variables
-    itune sets itself (:data:`RESERVED_TEMPLATE_KWARGS`).
+    A variable the template never reads would be ignored without a word, so it is refused, as is one that changes
+    nothing the template writes for a user / assistant conversation and for a generation prompt (Mistral's
+    ``system_message``, written only before a final user turn; ``loop_messages``, which it sets itself), and the
+    variables itune sets itself (:data:`RESERVED_TEMPLATE_KWARGS`).
 
     Raises:
-        ConfigError: not a JSON object, a reserved name, a name the template does not read, or a tokenizer
-            without a chat template.
+        ConfigError: not a JSON object, a reserved name, a name the template does not read or whose value changes
+            nothing it writes, a value the template fails with, or a tokenizer without a chat template.
     """
     if isinstance(kwargs, str):
         try:
@@ -356,21 +358,65 @@ def check_chat_template_kwargs(kwargs, tok: TextTokenizer, setting: str = "--cha
         return {}
     reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
     if reserved:
-        raise ConfigError(f"{setting}: {', '.join(reserved)} are set by itune itself (messages, tools and the "
-                          "tokenizer's special tokens); remove them")
+        raise ConfigError(f"{setting}: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} set by itune "
+                          "itself (messages, tools and the tokenizer's special tokens); remove "
+                          f"{'it' if len(reserved) == 1 else 'them'}")
     if not tok.chat_template:
         raise ConfigError(f"{setting}: {tok.path} has no chat template to pass them to")
-    from jinja2 import meta
+    from jinja2 import meta, nodes
 
-    _jinja_template(tok.chat_template)  # compiles (a ConfigError names a broken template)
-    env = _jinja_template(tok.chat_template).environment
-    read = meta.find_undeclared_variables(env.parse(tok.chat_template))
+    env = _jinja_template(tok.chat_template).environment  # compiles (a ConfigError names a broken template)
+    tree = env.parse(tok.chat_template)
+    read = meta.find_undeclared_variables(tree)
+    assigned = {n.name for a in tree.find_all((nodes.Assign, nodes.For))
+                for n in [a.target, *a.target.find_all(nodes.Name)] if isinstance(n, nodes.Name)}
+    guarded = {t.node.name for t in tree.find_all(nodes.Test)  # {% if x is not defined %}{% set x = ... %}
+               if t.name in ("defined", "undefined") and isinstance(t.node, nodes.Name)}
+    inputs = sorted((read - assigned | guarded & read) - set(RESERVED_TEMPLATE_KWARGS)
+                    - {"raise_exception", "strftime_now"})
     unread = sorted(set(kwargs) - read)
     if unread:
-        raise ConfigError(f"{setting}: the chat template of {tok.path} never reads {', '.join(unread)} (it reads "
-                          f"{', '.join(sorted(read - set(RESERVED_TEMPLATE_KWARGS))) or 'no other variable'}); "
-                          "remove or rename them")
+        raise ConfigError(f"{setting}: the chat template of {tok.path} never reads {', '.join(unread)} (its inputs "
+                          f"besides messages and tools: {', '.join(inputs) or 'none'}); remove or rename "
+                          f"{'it' if len(unread) == 1 else 'them'}")
+    idle = [k for k, where in template_kwargs_effects(kwargs, tok, setting).items() if where == "nothing"]
+    if idle:
+        raise ConfigError(f"{setting}: {', '.join(idle)} {'changes' if len(idle) == 1 else 'change'} nothing the "
+                          f"chat template of {tok.path} writes for a user / assistant conversation or its generation "
+                          f"prompt; remove {'it' if len(idle) == 1 else 'them'}")
     return dict(kwargs)
+
+
+def template_kwargs_effects(kwargs: dict, tok: TextTokenizer, setting: str = "--chat-template-kwargs") -> dict:
+    """Where each chat-template variable changes what ``tok``'s template writes, measured on a user / assistant
+    conversation (the training text) and on a user turn with the generation prompt (held-out prompts):
+    ``{name: "conversations and prompts" | "conversations only" | "prompts only" | "nothing"}``. Mistral's
+    ``system_message`` reaches prompts only (the template writes it before a final user turn), so the training
+    text lacks what the prompts have.
+
+    Raises:
+        ConfigError: the template fails with a variable's value.
+    """
+    conv = [{"role": "user", "content": "itune probe question"}, {"role": "assistant", "content": "itune probe answer"}]
+    saved = tok.chat_template_kwargs
+    out = {}
+    try:
+        def renders(kw):
+            tok.chat_template_kwargs = kw
+            return (apply_chat_template(conv, tok), apply_chat_template(conv[:1], tok, add_generation_prompt=True))
+
+        plain = renders({})
+        for k, v in kwargs.items():
+            try:
+                text, prompt = renders({k: v})
+            except RecordError as e:
+                raise ConfigError(f"{setting}: the chat template fails with {k}={v!r}: {e.detail}") from None
+            changed = (text != plain[0], prompt != plain[1])
+            out[k] = {(True, True): "conversations and prompts", (True, False): "conversations only",
+                      (False, True): "prompts only", (False, False): "nothing"}[changed]
+    finally:
+        tok.chat_template_kwargs = saved
+    return out
 
 
 def _strip_bos_text(text: str, tok: TextTokenizer) -> str:
