@@ -372,7 +372,7 @@ def check_chat_template_kwargs(kwargs, tok: TextTokenizer, setting: str = "--cha
                 for n in [a.target, *a.target.find_all(nodes.Name)] if isinstance(n, nodes.Name)}
     guarded = {t.node.name for t in tree.find_all(nodes.Test)  # {% if x is not defined %}{% set x = ... %}
                if t.name in ("defined", "undefined") and isinstance(t.node, nodes.Name)}
-    inputs = sorted((read - assigned | guarded & read) - set(RESERVED_TEMPLATE_KWARGS)
+    inputs = sorted(((read - assigned) | (guarded & read)) - set(RESERVED_TEMPLATE_KWARGS)
                     - {"raise_exception", "strftime_now"})
     unread = sorted(set(kwargs) - read)
     if unread:
