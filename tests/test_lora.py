@@ -67,12 +67,25 @@ def test_lora_gradients_under_zero3_equal_one_process(tmp_path, base, superni_da
         assert torch.allclose(got["grads"][name], g, rtol=1e-4, atol=1e-7), name
 
 
+def _merged_and_adapter_logits(export, base):
+    """Token ids [1, 40] and the logits of the merged export and of ``base`` + the PEFT adapter in
+    ``export/adapter`` on them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                             export / "adapter")
+    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ids, merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+
+
 def _losses(run):
     return [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
 
 
 def test_export_resume_and_adapter(tmp_path, base, superni_data):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.test_resume import COMMON, STEPS, _preempt
@@ -89,12 +102,8 @@ def test_export_resume_and_adapter(tmp_path, base, superni_data):
     assert json.loads((export / "export_check.json").read_text())["abs_diff"] <= 1e-4
     adapter_cfg = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["base_model_name_or_path"] == str(base.resolve())
-    merged = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                             export / "adapter")
-    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids, a, b = _merged_and_adapter_logits(export, base)
     with torch.no_grad():
-        a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
         via_eval = load_export(export / "adapter")(input_ids=ids).logits  # what itune-eval --model loads
     assert (a - b).abs().max() <= 1e-5 and (a - plain).abs().max() > 1e-4  # the adapter trained, and merges exactly
@@ -173,9 +182,7 @@ def test_lora_on_moe_gradients_with_the_router_aux_loss(tmp_path, moe_base, supe
 def test_lora_on_moe_export_merges_exactly(tmp_path, moe_base, superni_data):
     """Trained LoRA on Mixtral under ZeRO-3: the verified merged export and base + PEFT adapter give the same
     logits, and the merge changed the experts' fused weights."""
-    from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
     out = run_cmd(deepspeed_cmd(2, "launcher/train.py", "--config", "configs/superni_tiny.yaml", *LORA,
@@ -189,12 +196,7 @@ def test_lora_on_moe_export_merges_exactly(tmp_path, moe_base, superni_data):
     assert json.loads((export / "export_check.json").read_text())["abs_diff"] <= 1e-4
     record = json.loads((export / "itune_training.json").read_text())  # what itune-eval's contamination check reads
     assert record["step"] == 2 and json.loads((export / "adapter" / "itune_training.json").read_text()) == record
-    merged = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe_base, dtype=torch.float32),
-                                             export / "adapter")
-    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+    _, a, b = _merged_and_adapter_logits(export, moe_base)
     assert (a - b).abs().max() <= 1e-5
     before, after = load_file(moe_base / "model.safetensors"), load_file(export / "model.safetensors")
     assert before.keys() == after.keys()  # the published layout: block_sparse_moe.experts.N.w1 / w2 / w3
