@@ -16,6 +16,16 @@ import torch.distributed as tdist
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
+def broadcast_from_rank0(value, world: int):
+    """Rank 0's ``value`` (a picklable object, e.g. a one-line refusal or None) on every rank; a collective when
+    ``world`` > 1, which every rank must call."""
+    if world <= 1:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed(timeout_s: float | None = None) -> bool:
     """Starts the process group through ``deepspeed.init_distributed``: NCCL when CUDA is available, else gloo with
     ``DS_ACCELERATOR=cpu``. Returns whether CUDA is used.

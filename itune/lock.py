@@ -207,11 +207,9 @@ def hold_dir_lock_rank0(directory: str | os.PathLike, what: str, rank: int, worl
         except ConfigError as e:
             refusal = str(e)
     if world > 1:
-        import torch.distributed as tdist
+        from itune.comm import broadcast_from_rank0  # (torch only where there is a process group)
 
-        box = [refusal]
-        tdist.broadcast_object_list(box, src=0)
-        refusal = box[0]
+        refusal = broadcast_from_rank0(refusal, world)
     if refusal is not None:
         raise ConfigError(refusal)
     return handle

@@ -101,7 +101,7 @@ def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 
 class Trackers:
-    """The trackers of ``report_to`` on rank 0 (a no-op elsewhere: ``on`` False).
+    """The trackers of ``report_to`` (built on rank 0 only).
 
     Args:
         names: ``train.report_to``.
@@ -114,10 +114,9 @@ class Trackers:
         ConfigError: a tracker cannot start (one line naming it and why).
     """
 
-    def __init__(self, names: list, out_dir: Path, run_name: str | None, config: dict, data: dict, on: bool = True):
-        self.on = on
+    def __init__(self, names: list, out_dir: Path, run_name: str | None, config: dict, data: dict):
         self.out_dir = Path(out_dir)
-        self.names = list(dict.fromkeys(report_to_names(names))) if on else []
+        self.names = list(dict.fromkeys(report_to_names(names)))
         self.run_name = run_name or self.out_dir.resolve().name
         self.tb = self.wandb_run = self.mlflow = None
         self.warned: set = set()

@@ -19,7 +19,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from itune import __version__, checkpoint, dist, sequence_parallel, tracking
-from itune.comm import close_distributed, exit_process, init_distributed
+from itune.comm import broadcast_from_rank0, close_distributed, exit_process, init_distributed
 from itune.config import BatchPlan, RunConfig, to_dict
 from itune.data import shards
 from itune.data.tokenizer import TextTokenizer
@@ -64,10 +64,7 @@ class RankZeroLog:
                                                   to_dict(cfg), tracking.data_summary(cfg.data.path, manifest))
             except ConfigError as e:
                 err = str(e)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            box = [err]
-            tdist.broadcast_object_list(box, src=0)
-            err = box[0]
+        err = broadcast_from_rank0(err, tdist.get_world_size() if tdist.is_initialized() else 1)
         if err:
             e = ConfigError(err)
             e.every_rank = True  # launcher/train.py prints it once
